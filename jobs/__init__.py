@@ -1,0 +1,1 @@
+"""Thin job scripts, one per stage; importable as ``jungletrap.jobs``."""

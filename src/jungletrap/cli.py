@@ -1,0 +1,211 @@
+"""The ``jungletrap`` command line: the pipeline, each stage, the demo data and predict.
+
+Every command resolves and validates the config before any work (a bad key exits with status 2 naming it),
+opens the cluster (a local one, or ``--scheduler``/``--scheduler-file``), prints the dashboard link, and calls
+one library function. Exit codes: 0 ok, 1 failed videos under ``--strict`` or a stage error, 2 bad config or
+cluster, 130 interrupted (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, Optional
+
+import typer
+
+from jungletrap.config import STAGES, ConfigError, JobConfig, load_config
+
+__all__ = ["app", "execute"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Camera-trap video classification on Dask.")
+log = logging.getLogger("jungletrap")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (conf/*.yaml).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default run.root/run.name).")]
+SchedOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Existing scheduler, e.g. tcp://host:8786.")]
+SchedFileOpt = Annotated[Optional[Path], typer.Option("--scheduler-file", help="Scheduler file of a cluster.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero when any video failed.")]
+
+
+def _setup_logging() -> None:
+    """Our INFO lines on stderr; Dask's own chatter only from WARNING (it sets its levels when imported)."""
+    import distributed  # noqa: F401  (import first so that its logging config does not override ours)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for noisy in ("distributed", "bokeh", "tornado", "matplotlib", "xgboost"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _load(config: Path | None, sets: list[str] | None, run_dir: Path | None) -> tuple[JobConfig, Path]:
+    from jungletrap.pipeline import check_run_dir
+
+    cfg = load_config(config, sets or [])
+    resolved = run_dir if run_dir is not None else cfg.run_dir()
+    check_run_dir(resolved)
+    return cfg, resolved
+
+
+def _summary(run_dir: Path, results: dict[str, Any]) -> None:
+    embed = results.get("embed", {})
+    if embed:
+        typer.echo(f"videos: {embed.get('embedded', 0)} embedded, {embed.get('skipped', 0)} skipped, "
+                   f"{embed.get('failed', 0)} failed")
+    if "ensemble" in results:
+        ens = results["ensemble"]
+        typer.echo(f"submission: {run_dir / 'submission.csv'}")
+        typer.echo(f"metrics:    {run_dir / 'metrics.json'}")
+        typer.echo(f"report:     {run_dir / 'report.html'}")
+        typer.echo(f"out-of-fold mean log loss: blend {ens['blend_oof_log_loss']:.5f} "
+                   f"(class-prior baseline {ens['prior_oof_log_loss']:.5f})")
+
+
+def _failed_count(run_dir: Path, results: dict[str, Any]) -> int:
+    from jungletrap.manifest import Manifest
+
+    rec = Manifest(run_dir).stage("embed")
+    return int(rec.counts.get("failed", 0)) if rec else 0
+
+
+def execute(
+    stages: list[str],
+    *,
+    config: Path | None,
+    sets: list[str] | None,
+    run_dir: Path | None,
+    scheduler: str | None,
+    scheduler_file: Path | None,
+    strict: bool,
+) -> int:
+    """Validate config, open the cluster, run ``stages``; return the process exit code."""
+    _setup_logging()
+    try:
+        cfg, resolved = _load(config, sets, run_dir)
+    except (ConfigError, NotADirectoryError) as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    from jungletrap.cluster import ClusterError, open_client
+    from jungletrap.pipeline import StageContext, run_pipeline
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with open_client(cfg.cluster, address=scheduler,
+                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
+            typer.echo(f"dask dashboard: {info.dashboard_link} ({info.kind} cluster, {info.n_workers} workers)")
+            results = run_pipeline(StageContext(client, cfg, resolved, info), stages=stages)
+    except ClusterError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: run the same command again to resume ({resolved})", err=True)
+        return 130
+    _summary(resolved, results)
+    failed = _failed_count(resolved, results)
+    if failed and (strict or cfg.run.strict):
+        typer.echo(f"error: {failed} video(s) failed (see {resolved / 'report.html'} or the embeddings)", err=True)
+        return 1
+    return 0
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    until: Annotated[Optional[str], typer.Option(help=f"Last stage to run: {', '.join(STAGES)}.")] = None,
+    scheduler: SchedOpt = None,
+    scheduler_file: SchedFileOpt = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Run every stage in order (skipping those already done for this config)."""
+    if until is not None and until not in STAGES:
+        typer.echo(f"error: --until must be one of {', '.join(STAGES)}, got {until!r}", err=True)
+        raise typer.Exit(2)
+    stages = list(STAGES[: STAGES.index(until) + 1]) if until else list(STAGES)
+    raise typer.Exit(execute(stages, config=config, sets=set_, run_dir=run_dir, scheduler=scheduler,
+                             scheduler_file=scheduler_file, strict=strict))
+
+
+def _stage_command(stage: str) -> None:
+    def command(
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        run_dir: RunDirOpt = None,
+        scheduler: SchedOpt = None,
+        scheduler_file: SchedFileOpt = None,
+        strict: StrictOpt = False,
+    ) -> None:
+        raise typer.Exit(execute([stage], config=config, sets=set_, run_dir=run_dir, scheduler=scheduler,
+                                 scheduler_file=scheduler_file, strict=strict))
+
+    command.__doc__ = f"Run only the {stage} stage (its inputs must exist)."
+    app.command(name=stage)(command)
+
+
+for _stage in STAGES:
+    _stage_command(_stage)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/demo"),
+    n: Annotated[int, typer.Option(help="Number of clips.")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    jobs: Annotated[int, typer.Option(help="Encoding processes.")] = 2,
+    force: Annotated[bool, typer.Option(help="Regenerate even when present.")] = False,
+) -> None:
+    """Write the synthetic camera-trap demo set (skipped when already complete)."""
+    from jungletrap.synthetic import demo_dataset_complete, generate_demo_dataset
+
+    if demo_dataset_complete(out) and not force:
+        typer.echo(f"demo data already present in {out} (use --force to regenerate)")
+        return
+    generate_demo_dataset(out, n_videos=n, seed=seed, n_jobs=jobs)
+    typer.echo(f"demo data written to {out}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="A finished run.")],
+    videos: Annotated[Path, typer.Option(help="A video file or a directory of videos.")],
+    out: Annotated[Path, typer.Option(help="Output CSV.")],
+    proba_threshold: Annotated[Optional[float], typer.Option(help="Also list labels above this.")] = None,
+    scheduler: SchedOpt = None,
+    scheduler_file: SchedFileOpt = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Score new videos with a finished run's models; one output row per input file."""
+    _setup_logging()
+    from jungletrap.cluster import ClusterError, open_client
+    from jungletrap.predict import predict_videos
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as err:
+        typer.echo(f"error: {run_dir} is not a finished run: {err}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        with open_client(cfg.cluster, address=scheduler,
+                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
+            typer.echo(f"dask dashboard: {info.dashboard_link}")
+            frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold)
+    except (ClusterError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    failed = int((frame["status"] != "ok").sum())
+    typer.echo(f"predictions: {out} ({len(frame)} videos, {failed} failed)")
+    if failed and strict:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

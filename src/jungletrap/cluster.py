@@ -1,0 +1,147 @@
+"""The one place that decides which Dask cluster a job runs on.
+
+Library functions take a :class:`distributed.Client`; only jobs and the CLI call :func:`open_client`.
+``auto`` picks dask-cuda's ``LocalCUDACluster`` (one worker per GPU) when torch sees a GPU and dask-cuda is
+installed, a plain process-based ``LocalCluster`` otherwise; an address or scheduler file connects to an
+existing cluster (``dask scheduler``/``dask worker``, dask-jobqueue, Kubernetes) and creates nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from distributed import Client, LocalCluster
+
+from jungletrap.config import ClusterConfig
+
+__all__ = ["ClusterError", "ClusterInfo", "open_client", "cuda_available", "worker_nthreads"]
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """The requested cluster cannot be created or reached; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What kind of cluster the client is connected to, for logs and the manifest."""
+
+    kind: str
+    dashboard_link: str | None
+    n_workers: int
+    gpu: bool
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device on this machine."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _local_cuda_cluster(cfg: ClusterConfig) -> LocalCluster:
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as err:
+        raise ClusterError(
+            "cluster.kind=cuda needs dask-cuda: pip install 'jungletrap[gpu]' " f"({err})"
+        ) from None
+    try:
+        return LocalCUDACluster(
+            threads_per_worker=cfg.threads_per_worker,
+            ip=cfg.host,
+            dashboard_address=cfg.dashboard_address,
+            memory_limit=cfg.memory_limit,
+            resources={"GPU": 1},
+        )
+    except Exception as err:  # NVMLError_LibraryNotFound and friends have no common base class
+        raise ClusterError(
+            f"cluster.kind=cuda: dask-cuda could not start a LocalCUDACluster ({type(err).__name__}: {err}). "
+            "No NVIDIA driver/GPU is visible here; use cluster.kind=cpu or auto."
+        ) from None
+
+
+def _local_cpu_cluster(cfg: ClusterConfig) -> LocalCluster:
+    return LocalCluster(
+        n_workers=cfg.n_workers,
+        threads_per_worker=cfg.threads_per_worker,
+        processes=True,
+        host=cfg.host,
+        dashboard_address=cfg.dashboard_address,
+        memory_limit=cfg.memory_limit,
+    )
+
+
+def _connect(address: str | None, scheduler_file: str | None, security: object | None, timeout_s: float) -> Client:
+    try:
+        if scheduler_file:
+            return Client(scheduler_file=scheduler_file, security=security, timeout=timeout_s)
+        return Client(address, security=security, timeout=timeout_s)
+    except OSError as err:
+        target = scheduler_file or address
+        raise ClusterError(f"cannot reach the Dask scheduler at {target}: {err}") from None
+
+
+@contextlib.contextmanager
+def open_client(
+    cfg: ClusterConfig,
+    *,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    security: object | None = None,
+) -> Iterator[tuple[Client, ClusterInfo]]:
+    """Yield a client for the configured cluster and close what this call created.
+
+    ``address``/``scheduler_file`` (from the command line) win over the config's own.
+    """
+    address = address or cfg.address
+    scheduler_file = scheduler_file or cfg.scheduler_file
+    cluster: LocalCluster | None = None
+    if address or scheduler_file:
+        client, kind = _connect(address, scheduler_file, security, cfg.connect_timeout_s), "existing"
+    else:
+        kind = cfg.kind
+        if kind == "address":  # validated: cannot happen without an address
+            raise ClusterError("cluster.kind=address needs cluster.address or --scheduler")
+        if kind == "auto":
+            kind = "cuda" if cuda_available() and _has_dask_cuda() else "cpu"
+            log.info("cluster.kind=auto chose %s", kind)
+        cluster = _local_cuda_cluster(cfg) if kind == "cuda" else _local_cpu_cluster(cfg)
+        client = Client(cluster)
+    try:
+        info = _describe(client, kind)
+        yield client, info
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _has_dask_cuda() -> bool:
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _describe(client: Client, kind: str) -> ClusterInfo:
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    gpu = any("GPU" in (w.get("resources") or {}) for w in workers.values())
+    return ClusterInfo(kind=kind, dashboard_link=client.dashboard_link, n_workers=len(workers), gpu=gpu)
+
+
+def worker_nthreads(default: int = 1) -> int:
+    """Threads of the Dask worker running the current task (the budget for torch threads)."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ValueError, AttributeError):
+        return default

@@ -1,0 +1,258 @@
+"""Typed job configuration: pydantic v2 models validated from YAML plus ``--set`` overrides.
+
+The config is resolved once by the job (file, then overrides), validated before any work, saved in the
+run directory, and passed down. No other module reads YAML or environment variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "JobConfig",
+    "RunConfig",
+    "DataConfig",
+    "ClusterConfig",
+    "CatalogConfig",
+    "EmbedConfig",
+    "FeaturesConfig",
+    "XGBConfig",
+    "HeadConfig",
+    "TrainConfig",
+    "EnsembleConfig",
+    "load_config",
+    "apply_overrides",
+    "config_hash",
+    "save_config",
+]
+
+STAGES: tuple[str, ...] = ("catalog", "embed", "features", "train", "ensemble")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RunConfig(_Section):
+    """Where outputs go and the global seed."""
+
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    root: str = "runs"
+    seed: int = 0
+    strict: bool = False
+
+
+class DataConfig(_Section):
+    """Inputs in the competition layout: a videos root plus two CSVs with ``filename`` + 24 class columns."""
+
+    videos: str = "data/demo/videos"
+    labels: str = "data/demo/train_labels.csv"
+    submission_format: str = "data/demo/submission_format.csv"
+    test_labels: str | None = None
+
+
+class ClusterConfig(_Section):
+    """Which Dask cluster the job uses. ``auto`` picks CUDA when torch sees a GPU and dask-cuda is installed."""
+
+    kind: Literal["auto", "cpu", "cuda", "address"] = "auto"
+    address: str | None = None
+    scheduler_file: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "auto"
+    host: str = "127.0.0.1"
+    dashboard_address: str = "127.0.0.1:0"
+    connect_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _address_given(self) -> ClusterConfig:
+        if self.kind == "address" and not (self.address or self.scheduler_file):
+            raise ValueError("cluster.kind=address needs cluster.address or cluster.scheduler_file")
+        return self
+
+
+class CatalogConfig(_Section):
+    """Listing videos, joining labels and assigning folds and partitions."""
+
+    extensions: list[str] = Field(default_factory=lambda: [".mp4", ".avi", ".asf", ".mkv", ".mov", ".wmv"])
+    videos_per_partition: int = Field(32, ge=1)
+    n_folds: int = Field(5, ge=2, le=20)
+
+
+class EmbedConfig(_Section):
+    """Frame sampling (in time, not frame index) and the backbone run on every sampled frame."""
+
+    backbone: str = "efficientnet_lite0"
+    sample_fps: float = Field(3.0, gt=0, le=120)
+    max_seconds: float = Field(15.0, gt=0)
+    n_frames: int | None = Field(None, ge=1, le=1024)
+    batch_size: int = Field(64, ge=1, le=4096)
+    dtype: Literal["float16", "float32"] = "float16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    decode_timeout_s: float = Field(120.0, gt=0)
+    prefetch_videos: int = Field(4, ge=1, le=64)
+    retries: int = Field(2, ge=0, le=10)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from jungletrap.backbones import BACKBONES
+
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
+        return name
+
+
+class FeaturesConfig(_Section):
+    """How frame embeddings are pooled over time into one row per video."""
+
+    pooling: list[Literal["mean", "max", "min", "std", "maxmin"]] = Field(default_factory=lambda: ["mean", "max"])
+
+
+class XGBConfig(_Section):
+    """Distributed XGBoost (``xgboost.dask``) on the feature table, one model per fold."""
+
+    n_estimators: int = Field(300, ge=1)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    max_depth: int = Field(4, ge=1, le=16)
+    min_child_weight: float = Field(1.0, ge=0)
+    subsample: float = Field(0.9, gt=0, le=1)
+    colsample_bytree: float = Field(0.5, gt=0, le=1)
+    reg_lambda: float = Field(1.0, ge=0)
+    early_stopping_rounds: int = Field(30, ge=1)
+    multi_strategy: Literal["one_output_per_tree", "multi_output_tree"] = "one_output_per_tree"
+
+
+class HeadConfig(_Section):
+    """The seed's neural head: attention + max-min pooling over frames plus a metadata MLP."""
+
+    pooling: Literal["attention_maxmin", "gru"] = "attention_maxmin"
+    hidden: int = Field(128, ge=4)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    max_frames: int = Field(45, ge=1)
+    epochs: int = Field(40, ge=1)
+    patience: int = Field(6, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    torch_threads: int = Field(1, ge=1)
+
+
+class TrainConfig(_Section):
+    """Which models to train over the folds."""
+
+    models: list[Literal["xgb", "head"]] = Field(default_factory=lambda: ["xgb", "head"], min_length=1)
+    xgb: XGBConfig = Field(default_factory=XGBConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class EnsembleConfig(_Section):
+    """Blending of the models' predictions; fitted on out-of-fold predictions only."""
+
+    method: Literal["mean"] = "mean"
+    clip: Literal["auto"] | float = "auto"
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_range(cls, value: str | float) -> str | float:
+        if value != "auto" and not 0 <= float(value) < 0.5:
+            raise ValueError(f"clip must be 'auto' or a number in [0, 0.5), got {value!r}")
+        return value
+
+
+class JobConfig(_Section):
+    """The whole job; each section configures one part of the pipeline."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML so ``3``, ``1e-3``, ``true``, ``[a, b]`` and ``null`` get their types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config mapping (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} names no key")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML file (or nothing: the defaults), apply overrides, validate; raise :class:`ConfigError`."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
+        raw = loaded or {}
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def config_hash(section: BaseModel | dict[str, Any]) -> str:
+    """A short stable hash of a config section, used to tell whether an artifact was made by it."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: JobConfig, path: Path) -> None:
+    """Write the resolved config as YAML (the run's record of what made its outputs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

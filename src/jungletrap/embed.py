@@ -1,0 +1,175 @@
+"""Embed stage: run the embedding UDF over every catalog partition on the cluster, one Parquet part each.
+
+Each task reads its own rows from ``catalog.parquet`` (the client never ships video bytes or embeddings),
+runs :func:`jungletrap.udfs.embed.embed_partition`, and writes ``part-NNNNN.parquet`` atomically with the
+settings' hash in the file metadata. A part that exists with the same hash and row count is complete and is
+skipped on the next run, so an interrupted stage resumes where it stopped and never writes a video twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from distributed import Client, as_completed
+
+from jungletrap import __version__
+from jungletrap.backbones import get_spec
+from jungletrap.config import EmbedConfig, config_hash
+from jungletrap.schema import PARTITION, PATH, STATUS, STATUS_ERROR, VIDEO_ID
+from jungletrap.storage import remove_stale_temps, write_parquet_atomic
+from jungletrap.udfs.embed import EMBED_SCHEMA, EmbedSettings, embed_partition
+
+__all__ = ["embed_settings", "embed_catalog", "read_embedding_meta", "part_path", "EmbedCounts"]
+
+log = logging.getLogger(__name__)
+
+META_KEY = b"jungletrap"
+
+EmbedCounts = dict[str, int]
+
+
+def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
+    return EmbedSettings(
+        backbone=cfg.backbone,
+        sample_fps=cfg.sample_fps,
+        max_seconds=cfg.max_seconds,
+        n_frames=cfg.n_frames,
+        batch_size=cfg.batch_size,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        decode_timeout_s=cfg.decode_timeout_s,
+        prefetch_videos=cfg.prefetch_videos,
+    )
+
+
+def _result_hash(settings: EmbedSettings) -> str:
+    """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts)."""
+    keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype")
+    return config_hash({k: getattr(settings, k) for k in keys})
+
+
+def part_path(out_dir: Path, partition: int) -> Path:
+    return out_dir / f"part-{partition:05d}.parquet"
+
+
+def read_embedding_meta(path: Path) -> dict[str, Any]:
+    """The jungletrap key-value metadata of an embedding part (backbone, T, D, sampling, hash...)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(META_KEY, b"{}"))
+
+
+def _rows_hash(rows: pd.DataFrame) -> str:
+    """Identity of a partition's inputs: its video ids and paths, in order."""
+    return config_hash({"rows": [f"{v}\t{p}" for v, p in zip(rows[VIDEO_ID], rows[PATH], strict=True)]})
+
+
+def _file_metadata(settings: EmbedSettings, rows_hash: str, n_rows: int) -> dict[bytes, bytes]:
+    spec = get_spec(settings.backbone)
+    info = {
+        "artifact": "embeddings",
+        "backbone": spec.name,
+        "feature_dim": spec.feature_dim,
+        "input_size": spec.input_size,
+        "preprocessing": {"mean": spec.mean, "std": spec.std, "resize": "letterbox-pad"},
+        "max_frames": _max_frames(settings),
+        "settings": asdict(settings),
+        "result_hash": _result_hash(settings),
+        "rows_hash": rows_hash,
+        "n_rows": n_rows,
+        "package_version": __version__,
+    }
+    return {META_KEY: json.dumps(info, default=str).encode()}
+
+
+def _max_frames(settings: EmbedSettings) -> int:
+    if settings.n_frames is not None:
+        return settings.n_frames
+    return max(1, int(round(settings.sample_fps * settings.max_seconds)))
+
+
+def embed_catalog_partition(catalog_path: str, partition: int, out_path: str, settings: EmbedSettings) -> EmbedCounts:
+    """Dask task: read one partition's catalog rows, embed them, write the part atomically; return counts."""
+    rows = pd.read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
+    frame = embed_partition(rows, settings=settings)
+    if len(frame) != len(rows) or list(frame[VIDEO_ID]) != list(rows[VIDEO_ID]):
+        raise RuntimeError(f"embed UDF returned {len(frame)} rows for {len(rows)} videos (partition {partition})")
+    table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
+    table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame)))
+    write_parquet_atomic(table, Path(out_path))
+    return {"videos": len(frame), "failed": int((frame[STATUS] == STATUS_ERROR).sum())}
+
+
+def _is_complete(path: Path, result_hash: str, rows_hash: str) -> bool:
+    """A part is complete when it exists, is readable, and was made by these settings from these rows."""
+    if not path.is_file():
+        return False
+    try:
+        meta = read_embedding_meta(path)
+    except (OSError, pa.ArrowInvalid, ValueError):
+        return False
+    return meta.get("result_hash") == result_hash and meta.get("rows_hash") == rows_hash
+
+
+def _remove_foreign_parts(out_dir: Path, partitions: set[int]) -> None:
+    """Drop parts of partitions the catalog no longer has, so later stages never read stale videos."""
+    for path in out_dir.glob("part-*.parquet"):
+        if int(path.stem.split("-")[1]) not in partitions:
+            log.warning("embed: removing %s (not a partition of the current catalog)", path)
+            path.unlink()
+
+
+def embed_catalog(
+    client: Client,
+    catalog_path: Path,
+    out_dir: Path,
+    cfg: EmbedConfig,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> EmbedCounts:
+    """Embed every partition of ``catalog_path`` not yet complete in ``out_dir``; return stage counts."""
+    settings = embed_settings(cfg)
+    result_hash = _result_hash(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    catalog = pd.read_parquet(catalog_path, columns=[PARTITION, VIDEO_ID, PATH])
+    groups = {int(p): rows for p, rows in catalog.groupby(PARTITION, sort=True)}
+    sizes = pd.Series({p: len(rows) for p, rows in groups.items()}, dtype=np.int64)
+    pending = [p for p, rows in groups.items()
+               if not _is_complete(part_path(out_dir, p), result_hash, _rows_hash(rows))]
+    _remove_foreign_parts(out_dir, set(groups))
+    skipped = int(sizes.drop(index=pending).sum())
+    total = int(sizes.loc[pending].sum()) if pending else 0
+    log.info("embed: %d partitions (%d videos) to run, %d videos already embedded", len(pending), total, skipped)
+    futures = [
+        client.submit(
+            embed_catalog_partition,
+            str(catalog_path),
+            p,
+            str(part_path(out_dir, p)),
+            settings,
+            key=f"embed-{p:05d}-{result_hash[:8]}",
+            retries=cfg.retries,
+            pure=False,
+        )
+        for p in pending
+    ]
+    counts = {"partitions": len(sizes), "embedded": 0, "skipped": skipped, "failed": 0}
+    start, done = time.monotonic(), 0
+    for fut in as_completed(futures):
+        part = fut.result()
+        done += part["videos"]
+        counts["embedded"] += part["videos"] - part["failed"]
+        counts["failed"] += part["failed"]
+        if progress is not None:
+            progress(done, total, time.monotonic() - start)
+    return counts

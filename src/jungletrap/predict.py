@@ -1,0 +1,115 @@
+"""Predict: score new videos with a finished run's models, with the run's own embed and feature settings.
+
+Intermediate artifacts go under ``<run>/predict/<inputs-hash>/`` (so a repeated call reuses its embeddings);
+the result has one row per input file: ``filename``, the 24 probabilities, ``top_label``, ``status`` and
+``error``. A broken file keeps its row, with the reason and empty probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from jungletrap.catalog import catalog_from_paths, write_catalog
+from jungletrap.config import JobConfig, config_hash, load_config
+from jungletrap.embed import embed_catalog
+from jungletrap.ensemble import blend
+from jungletrap.features import build_features
+from jungletrap.schema import (
+    CLASS_NAMES,
+    ERROR,
+    FILENAME,
+    PATH,
+    SIZE_BYTES,
+    STATUS,
+    STATUS_OK,
+    TOP_LABEL,
+    VIDEO_ID,
+)
+from jungletrap.train_head import load_head_inputs, predict_head_models
+from jungletrap.xgb import predict_xgb_models
+
+__all__ = ["predict_videos", "list_videos"]
+
+log = logging.getLogger(__name__)
+
+
+def list_videos(videos: Path, extensions: list[str]) -> list[Path]:
+    """A single file as given, or every file under a directory whose extension looks like a video."""
+    if videos.is_file() or videos.is_symlink() and not videos.is_dir():
+        return [videos]
+    if not videos.is_dir():
+        raise FileNotFoundError(f"{videos}: no such file or directory")
+    exts = {e.lower() for e in extensions}
+    return sorted(p for p in videos.rglob("*") if p.suffix.lower() in exts)
+
+
+def _xgb_proba(client: Client, run_dir: Path, features_dir: Path, index: pd.Index) -> pd.DataFrame:
+    return predict_xgb_models(client, run_dir / "models" / "xgb", features_dir).loc[index]
+
+
+def _head_proba(run_dir: Path, embed_dir: Path, features_dir: Path, index: pd.Index) -> pd.DataFrame:
+    inputs = load_head_inputs(embed_dir, features_dir)
+    proba = predict_head_models(run_dir / "models" / "head", inputs)
+    return pd.DataFrame(proba, index=inputs.video_ids, columns=list(CLASS_NAMES)).loc[index]
+
+
+def predict_videos(
+    client: Client,
+    run_dir: str | Path,
+    videos: str | Path,
+    *,
+    out: str | Path | None = None,
+    proba_threshold: float | None = None,
+) -> pd.DataFrame:
+    """Embed, featurise and score ``videos`` with the models of ``run_dir``; optionally write a CSV."""
+    run_dir, videos = Path(run_dir), Path(videos)
+    cfg: JobConfig = load_config(run_dir / "config.yaml")
+    paths = list_videos(videos, cfg.catalog.extensions)
+    if not paths:
+        raise FileNotFoundError(f"{videos}: no video files found (extensions {cfg.catalog.extensions})")
+    root = videos if videos.is_dir() else videos.parent
+    catalog = catalog_from_paths(paths, root, videos_per_partition=cfg.catalog.videos_per_partition)
+    stamp = config_hash({"paths": catalog[PATH].tolist(), "sizes": catalog[SIZE_BYTES].tolist(),
+                         "mtimes": [int(os.path.getmtime(p)) if p.is_file() else 0 for p in paths]})
+    work = run_dir / "predict" / stamp
+    work.mkdir(parents=True, exist_ok=True)
+    write_catalog(catalog, work / "catalog.parquet")
+    embed_dir = work / "embeddings"
+    embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed)
+    build_features(client, embed_dir, work / "features", cfg.features)
+    index = pd.Index(catalog[VIDEO_ID])
+    per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
+                 "head": lambda: _head_proba(run_dir, embed_dir, work / "features", index)}
+    proba = blend([per_model[m]() for m in cfg.train.models])
+    clip = float(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["clip"])
+    proba = proba.clip(clip, 1 - clip)
+    status = pd.read_parquet(work / "features", columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
+    result = _result(catalog, proba, status, proba_threshold)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        result.to_csv(out, index=False, float_format="%.6g")
+    return result
+
+
+def _result(catalog: pd.DataFrame, proba: pd.DataFrame, status: pd.DataFrame,
+            threshold: float | None) -> pd.DataFrame:
+    ok = (status[STATUS] == STATUS_OK).to_numpy()
+    values = proba.to_numpy(np.float64)
+    values[~ok] = np.nan
+    result = pd.DataFrame(values, columns=list(CLASS_NAMES))
+    result.insert(0, FILENAME, catalog[FILENAME].to_numpy())
+    top = np.array(CLASS_NAMES, dtype=object)[np.nan_to_num(values, nan=-1).argmax(axis=1)]
+    result[TOP_LABEL] = np.where(ok, top, None)
+    result[STATUS] = status[STATUS].to_numpy()
+    result[ERROR] = status[ERROR].to_numpy()
+    if threshold is not None:
+        result["labels"] = [";".join(c for c, p in zip(CLASS_NAMES, row, strict=True) if p >= threshold)
+                            if k else None for row, k in zip(values, ok, strict=True)]
+    return result

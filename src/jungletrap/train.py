@@ -1,0 +1,113 @@
+"""Train stage: every configured model over the same stratified folds, writing OOF and test predictions.
+
+Artifacts: ``oof/<model>.parquet`` (one row per training clip), ``test/<model>.parquet`` (fold-averaged),
+``models/<model>/`` (XGBoost UBJ, torch state_dicts + JSON), and ``train_metrics.json`` (per-fold scores and
+curves). XGBoost trains first (it needs the whole cluster's collective), then the head's folds run in
+parallel as Dask tasks that read their data from Parquet themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from jungletrap.catalog import CATALOG_NAME
+from jungletrap.config import JobConfig
+from jungletrap.features import FEATURES_DIR
+from jungletrap.metrics import mean_log_loss
+from jungletrap.schema import CLASS_NAMES, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
+from jungletrap.storage import write_json_atomic, write_parquet_atomic
+from jungletrap.train_head import train_head_fold
+from jungletrap.xgb import load_feature_matrix, train_xgb_folds
+
+__all__ = ["run_train", "embed_dir", "prediction_path", "read_predictions"]
+
+log = logging.getLogger(__name__)
+
+
+def embed_dir(cfg: JobConfig, run_dir: Path) -> Path:
+    return run_dir / "embeddings" / cfg.embed.backbone
+
+
+def prediction_path(run_dir: Path, kind: str, model: str) -> Path:
+    """``oof/<model>.parquet`` or ``test/<model>.parquet``."""
+    return run_dir / kind / f"{model}.parquet"
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path).set_index(VIDEO_ID)
+
+
+def _write_predictions(frame: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+
+    frame = frame[[VIDEO_ID, *CLASS_NAMES]].sort_values(VIDEO_ID).reset_index(drop=True)
+    write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), path)
+
+
+def _oof_score(oof: pd.DataFrame, catalog: pd.DataFrame) -> float:
+    truth = catalog.set_index(VIDEO_ID).loc[oof[VIDEO_ID], list(CLASS_NAMES)].to_numpy()
+    return mean_log_loss(truth, oof[list(CLASS_NAMES)].to_numpy())
+
+
+def _train_xgb(client: Client, cfg: JobConfig, run_dir: Path, catalog: pd.DataFrame, gpu: bool) -> dict[str, Any]:
+    matrix = load_feature_matrix(client, run_dir / FEATURES_DIR)
+    rows = catalog.set_index(VIDEO_ID).loc[matrix.video_ids]
+    return train_xgb_folds(client, matrix, rows[list(CLASS_NAMES)].to_numpy(np.float32), rows[SPLIT].to_numpy(),
+                           rows[FOLD].to_numpy(), cfg.train.xgb, seed=cfg.run.seed, gpu=gpu,
+                           models_dir=run_dir / "models" / "xgb")
+
+
+def _train_head(client: Client, cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
+    futures = [
+        client.submit(
+            train_head_fold,
+            str(run_dir / CATALOG_NAME),
+            str(embed_dir(cfg, run_dir)),
+            str(run_dir / FEATURES_DIR),
+            str(run_dir / "models" / "head"),
+            k,
+            cfg.train.head,
+            cfg.run.seed,
+            key=f"head-fold{k}",
+            pure=False,
+        )
+        for k in range(cfg.catalog.n_folds)
+    ]
+    results = sorted(client.gather(futures), key=lambda r: r["fold"])
+    test = pd.concat([r["test"].set_index(VIDEO_ID) for r in results])
+    return {
+        "oof": pd.concat([r["oof"] for r in results], ignore_index=True),
+        "test": test.groupby(level=0).mean().reset_index(),
+        "folds": [{k: r[k] for k in ("fold", "best_epoch", "valid_logloss", "curve")} for r in results],
+    }
+
+
+def run_train(client: Client, cfg: JobConfig, run_dir: Path, *, gpu: bool = False) -> dict[str, Any]:
+    """Train every model in ``train.models``; return per-model OOF scores and fold details."""
+    catalog = pd.read_parquet(run_dir / CATALOG_NAME)
+    train_ids = set(catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, VIDEO_ID])
+    summary: dict[str, Any] = {}
+    for model in cfg.train.models:
+        log.info("train: %s over %d folds", model, cfg.catalog.n_folds)
+        result = _train_xgb(client, cfg, run_dir, catalog, gpu) if model == "xgb" else _train_head(client, cfg, run_dir)
+        oof = result["oof"]
+        if sorted(oof[VIDEO_ID]) != sorted(train_ids):
+            raise RuntimeError(f"{model}: out-of-fold predictions do not cover every training clip exactly once")
+        _write_predictions(oof, prediction_path(run_dir, "oof", model))
+        _write_predictions(result["test"], prediction_path(run_dir, "test", model))
+        score = _oof_score(oof, catalog)
+        summary[model] = {"oof_log_loss": score, "folds": result["folds"]}
+        log.info("train: %s out-of-fold log loss %.5f", model, score)
+    write_json_atomic(summary, run_dir / "train_metrics.json")
+    return {m: round(v["oof_log_loss"], 6) for m, v in summary.items()}
+
+
+def class_prior(catalog: pd.DataFrame) -> np.ndarray:
+    train = catalog[catalog[SPLIT] == SPLIT_TRAIN]
+    return train[list(CLASS_NAMES)].to_numpy(np.float64).mean(axis=0)

@@ -1,0 +1,384 @@
+"""Decode a camera-trap clip into a few letterboxed RGB frames sampled in time, plus its container facts.
+
+PyAV (FFmpeg) rather than OpenCV: it gives presentation timestamps, threaded decoding, and resizes and converts
+in swscale only the frames that are kept, so skipped frames are never turned into RGB.
+
+Sampling is defined in time. Target times are ``k / sample_fps`` (or ``n_frames`` times spread evenly) over
+``[0, min(duration, max_seconds))``, and each target takes the frame *on screen* at that time: the last frame whose
+timestamp is at or before it (the first frame for targets before it), never a frame from outside the clip or past
+``max_seconds``. Several targets on one real frame (a 1 fps clip sampled at 3 fps) keep it once, so the result has
+fewer frames (``frames.shape[0]`` is the true count) and nothing is duplicated or invented. Decoding stops at the
+frame after the last target.
+
+Frames are letterboxed, not cropped: the longer side is resized to ``size`` and the other is centred between black
+bands. Camera traps often catch animals at the frame edge; a centre crop of a 16:9 frame would drop 44% of it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, BinaryIO
+
+import av
+import av.container
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+__all__ = ["ClipInfo", "VideoDecodeError", "clip_info", "letterbox_box", "read_clip", "sample_times"]
+
+Source = str | os.PathLike[str] | BinaryIO
+
+#: Slack when comparing timestamps with target times: container time bases round (1 ms in ASF/MKV).
+_TIME_TOLERANCE_S = 1e-3
+#: Frame interval assumed for streams with neither timestamps nor a frame rate (FFmpeg's own default rate).
+_FALLBACK_FPS = 25.0
+
+
+class VideoDecodeError(Exception):
+    """A clip could not be read; the message names the file and the reason, fit for an error row."""
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """Container facts of one clip; fields are ``schema.CONTAINER_COLUMNS`` plus ``schema.SIZE_BYTES``, in order.
+
+    ``fps``, ``duration_s`` and ``bit_rate`` are NaN when unknown; ``declared_frames`` is -1 when the container
+    declares no count (it may also be wrong); ``decoded_frames`` counts the frames the decoder produced before
+    ``read_clip`` stopped (including the one look-ahead frame that closes the window), -1 from ``clip_info``.
+    """
+
+    codec: str
+    width: int
+    height: int
+    fps: float
+    duration_s: float
+    declared_frames: int
+    decoded_frames: int
+    bit_rate: float
+    has_audio: bool
+    size_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict keyed by the schema's column names (for a DataFrame row)."""
+        return asdict(self)
+
+
+def sample_times(
+    duration_s: float, *, sample_fps: float, max_seconds: float, n_frames: int | None = None
+) -> np.ndarray:
+    """Target times in seconds from the clip start, ascending; never empty (time 0 is always a target).
+
+    The window is ``[0, min(duration_s, max_seconds))``, or ``[0, max_seconds)`` when the duration is unknown (NaN
+    or not positive). Without ``n_frames`` the targets are ``k / sample_fps`` in the window, less its last
+    millisecond (timestamp rounding must not add a target on a sliver of the last frame); with it, ``n_frames``
+    times spread evenly from 0 (``k * window / n_frames``).
+    """
+    if not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    window = min(duration_s, max_seconds) if duration_s > 0 else max_seconds  # NaN > 0 is False
+    if n_frames is not None:
+        if n_frames < 1:
+            raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+        return np.arange(n_frames, dtype=np.float64) * (window / n_frames)
+    if not sample_fps > 0:
+        raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
+    count = max(1, math.ceil((window - _TIME_TOLERANCE_S) * sample_fps))
+    return np.arange(count, dtype=np.float64) / sample_fps
+
+
+def letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of the picture inside a ``size`` square letterbox; shared with pixel statistics."""
+    scale = size / max(width, height)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def read_clip(
+    path: Source,
+    *,
+    sample_fps: float,
+    max_seconds: float,
+    n_frames: int | None = None,
+    size: int = 224,
+    timeout_s: float | None = 120.0,
+) -> tuple[np.ndarray, ClipInfo]:
+    """Decode the frames on screen at the :func:`sample_times` targets, letterboxed to ``size`` x ``size``.
+
+    Args:
+        path: local path, fsspec URL (``s3://…``) or a binary file object (named in errors by its ``.name``).
+        sample_fps, max_seconds, n_frames: the sampling, see :func:`sample_times`.
+        size: side of the square output frames.
+        timeout_s: wall-clock budget for the clip, checked between packets; None for no limit.
+
+    Returns:
+        ``(frames, info)``: uint8 ``T x size x size x 3`` RGB in time order, T >= 1. ``T`` can be below the number
+        of targets (short, low-frame-rate or truncated clips) and is the true count.
+
+    Raises:
+        VideoDecodeError: missing, empty, non-video or undecodable input, or the timeout. A clip that decodes some
+            frames before breaking returns those instead.
+    """
+    sample_times(0.0, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)  # validate up front
+    budget = _Budget(_source_name(path), timeout_s)
+    with _opened(path) as (container, size_bytes):
+        info = _container_info(container, _video_stream(container, budget.name), size_bytes)
+        duration = info.duration_s
+        reopen = n_frames is not None and not duration > 0
+        if reopen:  # n_frames over an unknown length: measure it from packets; raw H.264 cannot seek back
+            duration = _demuxed_span(container, max_seconds=max_seconds, fps=info.fps, budget=budget)
+        targets = sample_times(duration, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)
+        if not reopen:
+            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget)
+    if reopen:
+        with _opened(path) as (container, _):
+            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget)
+    if not picked:
+        raise VideoDecodeError(f"{budget.name}: no frame could be decoded (truncated or corrupt)")
+    return np.stack(picked), ClipInfo(**{**info.as_dict(), "decoded_frames": decoded})
+
+
+def clip_info(path: Source) -> ClipInfo:
+    """Container facts without decoding pixels (``decoded_frames`` is -1); raises :class:`VideoDecodeError`."""
+    with _opened(path) as (container, size_bytes):
+        return _container_info(container, _video_stream(container, _source_name(path)), size_bytes)
+
+
+class _Budget:
+    """The per-clip wall-clock limit, checked cooperatively in the demux loops."""
+
+    def __init__(self, name: str, timeout_s: float | None) -> None:
+        self.name, self.timeout_s = name, timeout_s
+        self._deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+
+    def check(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise VideoDecodeError(f"{self.name}: decode timed out after {self.timeout_s:g}s")
+
+
+def _pick(
+    container: av.container.InputContainer, targets: np.ndarray, *, fps: float, size: int, budget: _Budget
+) -> tuple[list[np.ndarray], int]:
+    """The letterboxed frames on screen at ``targets`` and how many frames were decoded to find them."""
+    stream = _video_stream(container, budget.name)
+    stream.thread_type = "AUTO"
+    picker = _Picker(targets, size)
+    decoded = picker.run(_timed_frames(container, stream, fps=fps, budget=budget))
+    return picker.picked, decoded
+
+
+class _Picker:
+    """Streams frames past sorted targets and converts only the frame on screen at each one, once."""
+
+    def __init__(self, targets: np.ndarray, size: int) -> None:
+        self.targets, self.size, self.i = targets, size, 0
+        self.picked: list[np.ndarray] = []
+        self._last: av.VideoFrame | None = None
+        # One swscale context for the clip: frame.reformat() builds one per frame, ~20x slower on small clips.
+        self._reformatter = VideoReformatter()
+
+    def run(self, frames: Iterator[tuple[av.VideoFrame, float]]) -> int:
+        """Consume ``(frame, seconds)`` pairs until every target is served; return how many were decoded."""
+        prev: av.VideoFrame | None = None
+        prev_t = end = -math.inf
+        decoded = 0
+        for frame, t in frames:
+            decoded += 1
+            t = max(t, prev_t)
+            while self.i < len(self.targets) and self.targets[self.i] + _TIME_TOLERANCE_S < t:
+                self._pick(frame if prev is None else prev)  # a target before the first frame gets the first
+            if self.i == len(self.targets):
+                return decoded
+            own = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
+            step = own or (t - prev_t if prev is not None else 0.0)  # how long it stays on screen
+            prev, prev_t, end = frame, t, t + step
+        # The stream ended: its last frame is on screen until its own end, not forever (but keep one frame).
+        while prev is not None and self.i < len(self.targets):
+            if self.picked and self.targets[self.i] >= end - _TIME_TOLERANCE_S:
+                break
+            self._pick(prev)
+        return decoded
+
+    def _pick(self, frame: av.VideoFrame) -> None:
+        self.i += 1
+        if frame is not self._last:
+            self._last = frame
+            self.picked.append(self._letterbox(frame))
+
+    def _letterbox(self, frame: av.VideoFrame) -> np.ndarray:
+        """Resize and convert in swscale so that the longer side is ``size``, then centre on black."""
+        top, left, h, w = letterbox_box(frame.width, frame.height, self.size)
+        rgb = self._reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
+        out = np.zeros((self.size, self.size, 3), dtype=np.uint8)
+        out[top : top + h, left : left + w] = rgb.to_ndarray()
+        return out
+
+
+def _timed_frames(
+    container: av.container.InputContainer, stream: av.VideoStream, *, fps: float, budget: _Budget
+) -> Iterator[tuple[av.VideoFrame, float]]:
+    """Yield ``(frame, seconds from stream start)``; a corrupt packet is skipped, a broken tail ends the clip."""
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb else None
+    interval = 1.0 / (fps if fps > 0 else _FALLBACK_FPS)
+    t = -interval
+    try:
+        for packet in container.demux(stream):
+            budget.check()
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            for frame in decoded:
+                if frame.time is None:  # raw elementary streams carry no timestamps: assume a constant rate
+                    t += interval
+                else:
+                    start = frame.time if start is None else start
+                    t = frame.time - start
+                yield frame, t
+    except (av.error.FFmpegError, OSError):
+        return  # truncated container: keep what decoded (the caller fails if that is nothing)
+
+
+def _demuxed_span(
+    container: av.container.InputContainer, *, max_seconds: float, fps: float, budget: _Budget
+) -> float:
+    """Clip length, up to ``max_seconds``, from packet timestamps alone (no decoding), for clips of unknown length."""
+    stream = container.streams.video[0]
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb else None
+    interval = 1.0 / (fps if fps > 0 else _FALLBACK_FPS)
+    end, count = 0.0, 0
+    try:
+        for packet in container.demux(stream):
+            budget.check()
+            if not packet.size:
+                continue
+            count += 1
+            if packet.pts is None or not tb:
+                end = max(end, count * interval)
+            else:
+                start = float(packet.pts * tb) if start is None else start
+                end = max(end, float(packet.pts * tb) - start + (float((packet.duration or 0) * tb) or interval))
+            if end >= max_seconds:
+                break
+    except (av.error.FFmpegError, OSError):
+        pass  # truncated: the span seen so far is the span
+    return min(end, max_seconds) if end > 0 else math.nan
+
+
+def _container_info(container: av.container.InputContainer, stream: av.VideoStream, size_bytes: int) -> ClipInfo:
+    """Facts the container declares (no decoding): NaN or -1 when missing; bit rate falls back to size/duration."""
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and stream.time_base and stream.duration > 0:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration and container.duration > 0:
+        duration = container.duration / av.time_base
+    else:
+        duration = math.nan
+    if container.bit_rate:
+        bit_rate = float(container.bit_rate)
+    else:
+        bit_rate = size_bytes * 8 / duration if size_bytes > 0 and duration > 0 else math.nan
+    return ClipInfo(
+        codec=stream.codec_context.name,
+        width=int(stream.codec_context.width or 0),
+        height=int(stream.codec_context.height or 0),
+        fps=float(rate) if rate else math.nan,
+        duration_s=duration,
+        declared_frames=int(stream.frames) if stream.frames and stream.frames > 0 else -1,
+        decoded_frames=-1,
+        bit_rate=bit_rate,
+        has_audio=len(container.streams.audio) > 0,
+        size_bytes=size_bytes,
+    )
+
+
+def _video_stream(container: av.container.InputContainer, name: str) -> av.VideoStream:
+    if not container.streams.video:
+        raise VideoDecodeError(f"{name}: no video stream in the container")
+    return container.streams.video[0]
+
+
+def _source_name(source: Source) -> str:
+    """How errors name the clip: the path or URL as given, else a file object's ``.name``."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source)
+    return str(getattr(source, "name", None) or "<file object>")
+
+
+@contextmanager
+def _opened(source: Source) -> Iterator[tuple[av.container.InputContainer, int]]:
+    """Open ``source`` with PyAV; yield ``(container, size in bytes or -1)``; failures become VideoDecodeError.
+
+    A caller's file object is rewound to where it was on exit, so that it can be opened again.
+    """
+    name = _source_name(source)
+    if not isinstance(source, (str, os.PathLike)):
+        position = source.tell()
+        try:
+            with _container(source, name, _fileobj_size(source)) as opened:
+                yield opened
+        finally:
+            source.seek(position)
+    elif "://" in name and not name.startswith("file://"):
+        with _open_url(name) as fobj, _container(fobj, name, _fileobj_size(fobj)) as opened:
+            yield opened
+    else:
+        path = name.removeprefix("file://")
+        with _container(path, name, _local_size(path)) as opened:
+            yield opened
+
+
+@contextmanager
+def _container(
+    target: str | BinaryIO, name: str, size_bytes: int
+) -> Iterator[tuple[av.container.InputContainer, int]]:
+    if size_bytes == 0:
+        raise VideoDecodeError(f"{name}: empty file (0 bytes)")
+    try:
+        container = av.open(target, mode="r")
+    except av.error.FFmpegError as err:
+        raise VideoDecodeError(f"{name}: not a readable video container ({err.strerror or err})") from None
+    except OSError as err:
+        raise VideoDecodeError(f"{name}: cannot open ({err.strerror or err})") from None
+    with container:
+        yield container, size_bytes
+
+
+def _open_url(url: str) -> BinaryIO:
+    import fsspec  # only remote URLs need it
+
+    try:
+        return fsspec.open(url, "rb").open()  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise VideoDecodeError(f"{url}: file not found") from None
+    except (OSError, ValueError, ImportError) as err:
+        raise VideoDecodeError(f"{url}: cannot open ({err})") from None
+
+
+def _local_size(path: str) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        reason = "broken symlink (its target is missing)" if os.path.islink(path) else "file not found"
+        raise VideoDecodeError(f"{path}: {reason}") from None
+    except OSError as err:
+        raise VideoDecodeError(f"{path}: cannot stat ({err.strerror or err})") from None
+    if os.path.isdir(path):
+        raise VideoDecodeError(f"{path}: is a directory, not a video file")
+    return st.st_size
+
+
+def _fileobj_size(fobj: BinaryIO) -> int:
+    try:
+        here = fobj.tell()
+        size = fobj.seek(0, os.SEEK_END)
+        fobj.seek(here)
+        return int(size)
+    except (AttributeError, OSError, ValueError):
+        return -1

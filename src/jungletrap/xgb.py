@@ -1,0 +1,152 @@
+"""Distributed XGBoost over the folds: ``xgboost.dask`` on the feature table, one multi-label model per fold.
+
+The label is the 24-column 0/1 matrix (XGBoost's multi-label mode, ``binary:logistic`` per output), so one
+booster per fold serves every class. Early stopping watches the fold's own validation rows; out-of-fold
+predictions cover every training clip exactly once and test predictions average the fold models. No class
+reweighting: the metric is log loss, where calibrated probabilities matter more than recall.
+Training runs one model at a time (two concurrent ``xgboost.dask`` trainings can deadlock its collective).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xgboost as xgb
+import xgboost.dask  # noqa: F401  (the dask module must be imported explicitly)
+from distributed import Client
+
+from jungletrap.config import XGBConfig
+from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
+from jungletrap.storage import write_json_atomic
+
+XGBResult = dict[str, Any]
+
+__all__ = ["FeatureMatrix", "load_feature_matrix", "xgb_params", "train_xgb_folds", "predict_xgb_models"]
+
+log = logging.getLogger(__name__)
+
+_NON_FEATURES = {VIDEO_ID, STATUS, ERROR}
+
+
+@dataclass
+class FeatureMatrix:
+    """The feature table as a Dask array (one chunk per Parquet part) plus the row ids, held on the client.
+
+    Building arrays straight from the part files (instead of selecting thousands of columns of a Dask
+    DataFrame per fold) keeps graph construction negligible; fold subsets are numpy masks over the rows.
+    """
+
+    X: da.Array
+    video_ids: np.ndarray
+    features: list[str]
+
+
+def _read_part_matrix(path: str, features: list[str]) -> np.ndarray:
+    return pq.read_table(path, columns=features).to_pandas().to_numpy(np.float32)
+
+
+def load_feature_matrix(client: Client, features_dir: Path, *, features: list[str] | None = None) -> FeatureMatrix:
+    """Persist the numeric features on the workers; ``features`` fixes the column order (predict)."""
+    parts = sorted(features_dir.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no feature parts in {features_dir}: run the features stage first")
+    if features is None:
+        schema = pq.read_schema(parts[0])
+        features = [f.name for f in schema if f.name not in _NON_FEATURES and pa.types.is_floating(f.type)]
+    ids = [pq.read_table(p, columns=[VIDEO_ID]).column(0).to_pylist() for p in parts]
+    blocks = [da.from_delayed(dask.delayed(_read_part_matrix)(str(p), features), shape=(len(i), len(features)),
+                              dtype=np.float32) for p, i in zip(parts, ids, strict=True) if i]
+    X = client.persist(da.concatenate(blocks))
+    return FeatureMatrix(X=X, video_ids=np.array([v for i in ids for v in i], dtype=object), features=features)
+
+
+def xgb_params(cfg: XGBConfig, *, seed: int, gpu: bool) -> dict[str, Any]:
+    return {
+        "objective": "binary:logistic",
+        "eval_metric": "logloss",
+        "tree_method": "hist",
+        "multi_strategy": cfg.multi_strategy,
+        "learning_rate": cfg.learning_rate,
+        "max_depth": cfg.max_depth,
+        "min_child_weight": cfg.min_child_weight,
+        "subsample": cfg.subsample,
+        "colsample_bytree": cfg.colsample_bytree,
+        "reg_lambda": cfg.reg_lambda,
+        "seed": seed,
+        "device": "cuda" if gpu else "cpu",
+    }
+
+
+def _frame(video_ids: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
+    out = pd.DataFrame(np.asarray(proba, dtype=np.float64).reshape(len(video_ids), len(CLASS_NAMES)),
+                       columns=list(CLASS_NAMES))
+    out.insert(0, VIDEO_ID, video_ids)
+    return out
+
+
+def _predict(client: Client, booster: xgb.Booster, X: da.Array, n_rounds: int) -> np.ndarray:
+    if X.shape[0] == 0:
+        return np.zeros((0, len(CLASS_NAMES)))
+    return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds)).compute()
+
+
+def train_xgb_folds(
+    client: Client,
+    matrix: FeatureMatrix,
+    labels: np.ndarray,
+    split: np.ndarray,
+    folds: np.ndarray,
+    cfg: XGBConfig,
+    *,
+    seed: int,
+    gpu: bool,
+    models_dir: Path,
+) -> XGBResult:
+    """Train one booster per fold; return OOF and averaged test predictions, per-fold scores and curves."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    is_train, is_test = split == SPLIT_TRAIN, split == SPLIT_TEST
+    Y = da.from_array(labels.astype(np.float32), chunks=(matrix.X.chunks[0], labels.shape[1]))
+    oof_parts, test_probas, folds_info = [], [], []
+    for k in sorted(set(folds[is_train].tolist())):
+        fit, valid = is_train & (folds != k), is_train & (folds == k)
+        dtrain = xgb.dask.DaskDMatrix(client, matrix.X[fit], Y[fit])
+        dvalid = xgb.dask.DaskDMatrix(client, matrix.X[valid], Y[valid])
+        out = xgb.dask.train(client, xgb_params(cfg, seed=seed + k, gpu=gpu), dtrain,
+                             num_boost_round=cfg.n_estimators, evals=[(dvalid, "valid")],
+                             early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
+        booster: xgb.Booster = out["booster"]
+        n_rounds = int(booster.best_iteration) + 1
+        booster.save_model(models_dir / f"fold{k}.ubj")
+        oof_parts.append(_frame(matrix.video_ids[valid], _predict(client, booster, matrix.X[valid], n_rounds)))
+        test_probas.append(_predict(client, booster, matrix.X[is_test], n_rounds))
+        curve = [float(v) for v in out["history"]["valid"]["logloss"]]
+        folds_info.append({"fold": int(k), "best_iteration": n_rounds, "valid_logloss": curve[n_rounds - 1],
+                           "valid_curve": curve})
+        log.info("xgb fold %d: %d rounds, valid logloss %.4f", k, n_rounds, curve[n_rounds - 1])
+    write_json_atomic({"features": matrix.features,
+                       "folds": [{"fold": f["fold"], "best_iteration": f["best_iteration"]} for f in folds_info]},
+                      models_dir / "features.json")
+    test = _frame(matrix.video_ids[is_test], np.mean(test_probas, axis=0))
+    return {"oof": pd.concat(oof_parts, ignore_index=True), "test": test, "folds": folds_info}
+
+
+def predict_xgb_models(client: Client, models_dir: Path, features_dir: Path) -> pd.DataFrame:
+    """Average the saved fold boosters' probabilities over a feature table (the predict path)."""
+    spec = json.loads((models_dir / "features.json").read_text(encoding="utf-8"))
+    matrix = load_feature_matrix(client, features_dir, features=spec["features"])
+    probas = []
+    for fold in spec["folds"]:
+        booster = xgb.Booster()
+        booster.load_model(models_dir / f"fold{fold['fold']}.ubj")
+        probas.append(_predict(client, booster, matrix.X, fold["best_iteration"]))
+    return _frame(matrix.video_ids, np.mean(probas, axis=0)).set_index(VIDEO_ID)

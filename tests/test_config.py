@@ -1,0 +1,87 @@
+"""Typed config: defaults documented in conf/default.yaml, overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jungletrap.config import ConfigError, JobConfig, apply_overrides, config_hash, load_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_default_yaml_documents_exactly_the_model_defaults() -> None:
+    documented = JobConfig.model_validate(yaml.safe_load((CONF / "default.yaml").read_text()))
+    assert documented.model_dump() == JobConfig().model_dump()
+
+
+def _keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in data.items():
+        out.add(prefix + key)
+        if isinstance(value, dict):
+            out |= _keys(value, prefix + key + ".")
+    return out
+
+
+def test_default_yaml_lists_every_key() -> None:
+    documented = _keys(yaml.safe_load((CONF / "default.yaml").read_text()))
+    assert documented == _keys(JobConfig().model_dump())
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "primatrix.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(CONF / name)
+    assert cfg.run.name
+
+
+def test_primatrix_has_the_seed_sampling() -> None:
+    cfg = load_config(CONF / "primatrix.yaml")
+    assert cfg.embed.sample_fps * cfg.embed.max_seconds == 45
+    assert cfg.catalog.n_folds == 5
+
+
+def test_overrides_parse_types() -> None:
+    cfg = load_config(CONF / "demo.yaml", ["embed.sample_fps=2", "train.models=[xgb]", "embed.n_frames=null",
+                                           "run.strict=true"])
+    assert cfg.embed.sample_fps == 2.0
+    assert cfg.train.models == ["xgb"]
+    assert cfg.embed.n_frames is None
+    assert cfg.run.strict is True
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("embed.nope=1", "embed.nope: unknown key"),
+        ("embed.sample_fps=-3", "embed.sample_fps"),
+        ("embed.n_frames=-1", "embed.n_frames"),
+        ("embed.backbone=vgg99", "allowed: efficientnet_lite0"),
+        ("catalog.n_folds=one", "catalog.n_folds"),
+        ("cluster.kind=gpu", "cluster.kind"),
+        ("ensemble.clip=0.7", "ensemble.clip"),
+        ("bogus.key=1", "bogus: unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONF / "demo.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["embed.sample_fps"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_hash_changes_with_values() -> None:
+    a, b = JobConfig(), load_config(None, ["embed.sample_fps=1"])
+    assert config_hash(a.embed) != config_hash(b.embed)
+    assert config_hash(a.embed) == config_hash(JobConfig().embed)

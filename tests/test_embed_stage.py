@@ -1,0 +1,105 @@
+"""Embed stage on a real 2-process cluster: real clips, error rows, Parquet schema/metadata, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from distributed import Client
+from jungletrap.udfs.embed import EMBED_SCHEMA
+
+from jungletrap.catalog import catalog_from_paths, write_catalog
+from jungletrap.config import EmbedConfig
+from jungletrap.embed import embed_catalog, part_path, read_embedding_meta
+from jungletrap.features import read_embedding_part
+
+from .conftest import real_video_paths
+
+TINY = EmbedConfig(backbone="tiny_cnn", sample_fps=3.0, max_seconds=15.0, batch_size=16)
+
+
+def _catalog(tmp_path: Path, root: Path, extra: list[Path], per_partition: int) -> Path:
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".mp4", ".avi", ".asf"}) + extra
+    path = tmp_path / f"catalog-{per_partition}.parquet"
+    write_catalog(catalog_from_paths(paths, root, videos_per_partition=per_partition), path)
+    return path
+
+
+def _read_all(out_dir: Path) -> pd.DataFrame:
+    return pd.concat([read_embedding_part(str(p)) for p in sorted(out_dir.glob("part-*.parquet"))],
+                     ignore_index=True)
+
+
+@pytest.fixture()
+def corpus(real_videos_copy: Path) -> tuple[Path, list[Path]]:
+    (real_videos_copy / "broken clip.avi").write_text("this is not a video")  # listed with the real clips
+    return real_videos_copy, [real_videos_copy / "gone.mp4"]  # in the catalog, absent on disk
+
+
+def test_real_clips_embed_and_broken_ones_become_error_rows(
+    dask_client: Client, corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, extra, per_partition=3)
+    out = tmp_path / "emb"
+    counts = embed_catalog(dask_client, catalog, out, TINY)
+    frame = _read_all(out)
+    assert len(frame) == len(real_video_paths()) + 2 and frame["video_id"].is_unique
+    assert counts == {"partitions": 3, "embedded": 6, "skipped": 0, "failed": 2}
+    ok = frame[frame["status"] == "ok"]
+    assert len(ok) == 6
+    # real clips are 1 fps: 3 fps x 15 s keeps each real frame once -> 15; the 6-frame clip gives 6 and the
+    # Abel AVI lacks its frame at t=1 s (packets 0, 2, 3, ...) -> 14 distinct pictures in [0, 15 s)
+    assert sorted(ok["n_frames"].tolist()) == [6, 14, 15, 15, 15, 15]
+    for emb, n in zip(ok["embedding"], ok["n_frames"], strict=True):
+        assert emb.dtype == np.float16 and emb.size == n * 64 and np.isfinite(emb).all()
+    errors = frame.set_index("video_id").loc[["broken clip.avi", "gone.mp4"]]
+    assert (errors["status"] == "error").all() and (errors["n_frames"] == 0).all()
+    assert "broken clip.avi" in errors.loc["broken clip.avi", "error"]
+    assert "gone.mp4" in errors.loc["gone.mp4", "error"]
+    schema = pq.read_schema(part_path(out, 0))
+    assert schema.remove_metadata().equals(EMBED_SCHEMA)
+    meta = read_embedding_meta(part_path(out, 0))
+    assert meta["backbone"] == "tiny_cnn" and meta["feature_dim"] == 64 and meta["max_frames"] == 45
+
+
+def test_same_video_same_embedding_whatever_partition_or_batch(
+    dask_client: Client, corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, extra = corpus
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    embed_catalog(dask_client, _catalog(tmp_path, root, extra, per_partition=2), a, TINY)
+    embed_catalog(dask_client, _catalog(tmp_path, root, extra, per_partition=8), b,
+                  TINY.model_copy(update={"batch_size": 5}))
+    fa, fb = _read_all(a).set_index("video_id"), _read_all(b).set_index("video_id")
+    assert sorted(fa.index) == sorted(fb.index)
+    for vid in fa.index[fa["status"] == "ok"]:
+        np.testing.assert_allclose(fa.loc[vid, "embedding"].astype(np.float32),
+                                   fb.loc[vid, "embedding"].astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_resume_recomputes_only_missing_parts(
+    dask_client: Client, corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, extra, per_partition=3)
+    out = tmp_path / "emb"
+    embed_catalog(dask_client, catalog, out, TINY)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    part_path(out, 1).unlink()
+    (out / ".part-00002.parquet.tmp-deadbeef").write_bytes(b"half written")
+    counts = embed_catalog(dask_client, catalog, out, TINY)
+    assert counts["skipped"] == 5 and counts["embedded"] + counts["failed"] == 3  # parts of 3, 3, 2 videos
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert after["part-00000.parquet"] == stamps["part-00000.parquet"]
+    assert after["part-00002.parquet"] == stamps["part-00002.parquet"]
+    assert "part-00001.parquet" in after
+    assert not list(out.glob(".*tmp-*"))
+    assert _read_all(out)["video_id"].is_unique and len(_read_all(out)) == 8
+    # a change of sampling invalidates every part
+    counts = embed_catalog(dask_client, catalog, out, TINY.model_copy(update={"sample_fps": 1.0}))
+    assert counts["skipped"] == 0

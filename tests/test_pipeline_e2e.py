@@ -1,0 +1,125 @@
+"""The whole pipeline through the CLI in a subprocess, on a tiny generated set with the real backbone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from jungletrap.schema import CLASS_NAMES, FILENAME
+
+from .conftest import REPO, real_video_paths
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).parent / "jungletrap")
+
+
+def _write_config(tmp: Path, data: Path) -> Path:
+    cfg = {
+        "run": {"name": "e2e", "root": str(tmp / "runs")},
+        "data": {"videos": str(data / "videos"), "labels": str(data / "train_labels.csv"),
+                 "submission_format": str(data / "submission_format.csv"),
+                 "test_labels": str(data / "test_labels.csv")},
+        "cluster": {"kind": "cpu", "n_workers": 2, "threads_per_worker": 1},
+        "catalog": {"videos_per_partition": 16, "n_folds": 3},
+        "embed": {"backbone": "efficientnet_lite0", "sample_fps": 1.0, "max_seconds": 4.0, "batch_size": 16},
+        "train": {"xgb": {"n_estimators": 80, "max_depth": 3, "colsample_bytree": 0.3},
+                  "head": {"hidden": 32, "max_frames": 4, "epochs": 20}},
+    }
+    path = tmp / "e2e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = _write_config(tmp, tiny_dataset)
+    proc = _cli("run", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return config, tmp / "runs" / "e2e", proc.stdout
+
+
+def test_submission_matches_format_exactly(finished_run: tuple[Path, Path, str], tiny_dataset: Path) -> None:
+    _, run_dir, stdout = finished_run
+    assert "dask dashboard: http://127.0.0.1" in stdout and "submission:" in stdout
+    sub = pd.read_csv(run_dir / "submission.csv")
+    fmt = pd.read_csv(tiny_dataset / "submission_format.csv")
+    assert list(sub.columns) == [FILENAME, *CLASS_NAMES]
+    assert sub[FILENAME].tolist() == fmt[FILENAME].tolist()
+    values = sub[list(CLASS_NAMES)].to_numpy()
+    assert np.isfinite(values).all() and (values > 0).all() and (values < 1).all()
+
+
+def test_blend_beats_the_class_prior_out_of_fold(finished_run: tuple[Path, Path, str]) -> None:
+    _, run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    prior = metrics["prior_baseline_oof"]["mean_log_loss"]
+    assert set(metrics["oof"]) == {"xgb", "head", "blend"}
+    assert metrics["oof"]["blend"]["mean_log_loss"] < prior
+    for model in ("xgb", "head"):
+        oof = pd.read_parquet(run_dir / "oof" / f"{model}.parquet")
+        assert oof["video_id"].is_unique and len(oof) == metrics["oof"][model]["n_videos"]
+
+
+def test_manifest_report_and_skip_on_rerun(finished_run: tuple[Path, Path, str]) -> None:
+    config, run_dir, _ = finished_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in ("catalog", "embed", "features", "train", "ensemble")] == [
+        "done"] * 5
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    before = (run_dir / "submission.csv").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(config)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("already done for this config, skipped") == 5
+    assert (run_dir / "submission.csv").stat().st_mtime_ns == before
+
+
+def test_stage_job_reruns_when_its_config_changes(finished_run: tuple[Path, Path, str]) -> None:
+    config, run_dir, _ = finished_run
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "ensemble.py"), "--config", str(config),
+                           "--set", "ensemble.clip=0.01"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["clip"] == 0.01
+    sub = pd.read_csv(run_dir / "submission.csv")[list(CLASS_NAMES)].to_numpy()
+    assert sub.min() >= 0.01 - 1e-9 and sub.max() <= 0.99 + 1e-9
+
+
+def test_predict_real_clips_and_a_broken_file(finished_run: tuple[Path, Path, str], real_videos_copy: Path,
+                                              tmp_path: Path) -> None:
+    _, run_dir, _ = finished_run
+    (real_videos_copy / "broken.mp4").write_bytes(b"\x00" * 100)
+    out = tmp_path / "pred.csv"
+    proc = _cli("predict", "--run-dir", str(run_dir), "--videos", str(real_videos_copy), "--out", str(out),
+                "--proba-threshold", "0.5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pred = pd.read_csv(out)
+    assert len(pred) == len(real_video_paths()) + 1
+    assert list(pred.columns[:25]) == [FILENAME, *CLASS_NAMES]
+    broken = pred[pred[FILENAME] == "broken.mp4"].iloc[0]
+    assert broken["status"] == "error" and "broken.mp4" in broken["error"]
+    assert pred.loc[pred[FILENAME] == "broken.mp4", list(CLASS_NAMES)].isna().all(axis=None)
+    ok = pred[pred["status"] == "ok"]
+    assert len(ok) == len(real_video_paths())
+    assert ok[list(CLASS_NAMES)].notna().all(axis=None) and ok["top_label"].isin(CLASS_NAMES).all()
+
+
+def test_bad_config_stops_before_any_work(tmp_path: Path) -> None:
+    proc = _cli("run", "--config", str(REPO / "conf" / "demo.yaml"), "--set", "embed.n_frames=-2",
+                "--set", f"run.root={tmp_path}")
+    assert proc.returncode == 2
+    assert "embed.n_frames" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "demo").exists()

@@ -1,0 +1,1 @@
+"""Partition functions (UDFs) handed to Dask; importable on workers as ``jungletrap.udfs``."""

@@ -1,0 +1,103 @@
+"""Features UDF: an embedding partition in, one feature row per video out.
+
+Column groups (names are stable; see the README):
+- container: ``size_bytes``, ``bit_rate``, ``width``, ``height``, ``aspect``, ``fps``, ``duration_s``,
+  ``declared_frames``, ``decoded_frames``, ``has_audio``, ``bytes_per_second``, ``bytes_per_pixel``;
+- pixel and motion: the embed UDF's ``brightness_mean``, ``saturation_mean``, ``motion_*``;
+- temporal pooling of the frame embeddings: ``emb_<stat>_<dim>`` for each configured statistic.
+Error rows keep their row with NaN features (XGBoost and the head both accept NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from jungletrap.schema import (
+    EMBEDDING,
+    ERROR,
+    N_FRAMES,
+    PIXEL_COLUMNS,
+    SIZE_BYTES,
+    STATUS,
+    STATUS_OK,
+    VIDEO_ID,
+)
+
+__all__ = ["FEATURE_SET_VERSION", "CONTAINER_FEATURES", "features_meta", "features_partition", "pooled_names"]
+
+FEATURE_SET_VERSION = "1"
+
+CONTAINER_FEATURES: tuple[str, ...] = (
+    SIZE_BYTES,
+    "bit_rate",
+    "width",
+    "height",
+    "aspect",
+    "fps",
+    "duration_s",
+    "declared_frames",
+    "decoded_frames",
+    "has_audio",
+    "bytes_per_second",
+    "bytes_per_pixel",
+    N_FRAMES,
+)
+
+_POOLERS = {
+    "mean": lambda x: x.mean(axis=0),
+    "max": lambda x: x.max(axis=0),
+    "min": lambda x: x.min(axis=0),
+    "std": lambda x: x.std(axis=0),
+    "maxmin": lambda x: x.max(axis=0) - x.min(axis=0),
+}
+
+
+def pooled_names(embed_dim: int, pooling: Sequence[str]) -> list[str]:
+    return [f"emb_{stat}_{d:04d}" for stat in pooling for d in range(embed_dim)]
+
+
+def features_meta(embed_dim: int, pooling: Sequence[str]) -> pd.DataFrame:
+    """Empty frame with the output columns and dtypes (the ``meta`` handed to ``map_partitions``)."""
+    cols: dict[str, pd.Series] = {name: pd.Series([], dtype="str") for name in (VIDEO_ID, STATUS, ERROR)}
+    for name in (*CONTAINER_FEATURES, *PIXEL_COLUMNS, *pooled_names(embed_dim, pooling)):
+        cols[name] = pd.Series([], dtype=np.float32)
+    return pd.DataFrame(cols)
+
+
+def _container(part: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(index=part.index)
+    for name in (SIZE_BYTES, "bit_rate", "width", "height", "fps", "duration_s", "declared_frames",
+                 "decoded_frames", N_FRAMES):
+        out[name] = pd.to_numeric(part[name], errors="coerce").astype(np.float64)
+    out.loc[out[SIZE_BYTES] < 0, SIZE_BYTES] = np.nan
+    out.loc[out["declared_frames"] < 0, "declared_frames"] = np.nan
+    out["has_audio"] = part["has_audio"].map({True: 1.0, False: 0.0}).astype(np.float64)
+    out["aspect"] = out["width"] / out["height"]
+    out["bytes_per_second"] = out[SIZE_BYTES] / out["duration_s"].where(out["duration_s"] > 0)
+    out["bytes_per_pixel"] = out[SIZE_BYTES] / (out["width"] * out["height"] * out["decoded_frames"]).where(
+        out["decoded_frames"] > 0
+    )
+    return out[list(CONTAINER_FEATURES)]
+
+
+def _pooled(part: pd.DataFrame, embed_dim: int, pooling: Sequence[str]) -> np.ndarray:
+    out = np.full((len(part), embed_dim * len(pooling)), np.nan, dtype=np.float32)
+    for i, (flat, n) in enumerate(zip(part[EMBEDDING], part[N_FRAMES], strict=True)):
+        if n and n > 0 and flat is not None and len(flat) == n * embed_dim:
+            frames = np.asarray(flat, dtype=np.float32).reshape(int(n), embed_dim)
+            out[i] = np.concatenate([_POOLERS[stat](frames) for stat in pooling])
+    return out
+
+
+def features_partition(part: pd.DataFrame, *, embed_dim: int, pooling: Sequence[str]) -> pd.DataFrame:
+    """Container facts, pixel/motion statistics and pooled embeddings of every video in ``part``."""
+    base = pd.DataFrame({name: pd.Series(part[name].to_numpy(), dtype="str") for name in (VIDEO_ID, STATUS, ERROR)})
+    container = _container(part).reset_index(drop=True).astype(np.float32)
+    pixels = part[list(PIXEL_COLUMNS)].reset_index(drop=True).astype(np.float32)
+    pooled = pd.DataFrame(_pooled(part, embed_dim, pooling), columns=pooled_names(embed_dim, pooling))
+    ok = (base[STATUS] == STATUS_OK).to_numpy()
+    pixels.loc[~ok] = np.nan
+    return pd.concat([base, container, pixels, pooled], axis=1)
