@@ -36,7 +36,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from jungletrap.synthetic import generate_demo_dataset
 
     out = tmp_path_factory.mktemp("tiny_demo")
-    generate_demo_dataset(out, n_videos=80, seed=7, n_jobs=2)
+    generate_demo_dataset(out, n_videos=120, seed=7, n_jobs=2)
     return out
 
 

@@ -17,7 +17,15 @@ from distributed import Client, LocalCluster
 
 from jungletrap.config import ClusterConfig
 
-__all__ = ["ClusterError", "ClusterInfo", "open_client", "cuda_available", "worker_nthreads"]
+__all__ = [
+    "ClusterError",
+    "ClusterInfo",
+    "open_client",
+    "cuda_available",
+    "cluster_has_gpu",
+    "gpu_resources",
+    "worker_nthreads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +139,21 @@ def _has_dask_cuda() -> bool:
     return True
 
 
+def cluster_has_gpu(client: Client) -> bool:
+    """True when some worker advertises a ``GPU`` resource (dask-cuda workers started by us or by hand)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+
+def gpu_resources(gpu: bool) -> dict[str, float] | None:
+    """Task resources that pin GPU work to GPU workers (one GPU task per worker at a time)."""
+    return {"GPU": 1} if gpu else None
+
+
 def _describe(client: Client, kind: str) -> ClusterInfo:
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    gpu = any("GPU" in (w.get("resources") or {}) for w in workers.values())
-    return ClusterInfo(kind=kind, dashboard_link=client.dashboard_link, n_workers=len(workers), gpu=gpu)
+    return ClusterInfo(kind=kind, dashboard_link=client.dashboard_link, n_workers=len(workers),
+                       gpu=cluster_has_gpu(client))
 
 
 def worker_nthreads(default: int = 1) -> int:

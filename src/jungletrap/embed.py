@@ -24,6 +24,7 @@ from distributed import Client, as_completed
 
 from jungletrap import __version__
 from jungletrap.backbones import get_spec
+from jungletrap.cluster import gpu_resources
 from jungletrap.config import EmbedConfig, config_hash
 from jungletrap.schema import PARTITION, PATH, STATUS, STATUS_ERROR, VIDEO_ID
 from jungletrap.storage import remove_stale_temps, write_parquet_atomic
@@ -135,8 +136,12 @@ def embed_catalog(
     cfg: EmbedConfig,
     *,
     progress: Callable[[int, int, float], None] | None = None,
+    gpu: bool = False,
 ) -> EmbedCounts:
-    """Embed every partition of ``catalog_path`` not yet complete in ``out_dir``; return stage counts."""
+    """Embed every partition of ``catalog_path`` not yet complete in ``out_dir``; return stage counts.
+
+    With ``gpu`` the tasks need a ``GPU`` worker resource, so they run only on GPU workers.
+    """
     settings = embed_settings(cfg)
     result_hash = _result_hash(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +165,7 @@ def embed_catalog(
             key=f"embed-{p:05d}-{result_hash[:8]}",
             retries=cfg.retries,
             pure=False,
+            resources=gpu_resources(gpu),
         )
         for p in pending
     ]

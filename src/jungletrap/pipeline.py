@@ -88,7 +88,8 @@ def _catalog(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     out = embed_dir(ctx.cfg, ctx.run_dir)
-    counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=_progress)
+    counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=_progress,
+                           gpu=ctx.info.gpu)
     log.info("embed: %d embedded, %d skipped (already done), %d failed", counts["embedded"], counts["skipped"],
              counts["failed"])
     return counts, [str(out.relative_to(ctx.run_dir))]
@@ -132,7 +133,7 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
     for stage in stages or list(STAGES):
         if not force and manifest.is_done(stage, hashes[stage]):
             log.info("%s: already done for this config, skipped", stage)
-            results[stage] = {**(manifest.stage(stage).counts if manifest.stage(stage) else {}), "skipped": True}
+            results[stage] = {**(manifest.stage(stage).counts if manifest.stage(stage) else {}), "stage_skipped": True}
             continue
         log.info("%s: starting", stage)
         manifest.start(stage, hashes[stage])

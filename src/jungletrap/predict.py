@@ -17,6 +17,7 @@ import pandas as pd
 from distributed import Client
 
 from jungletrap.catalog import catalog_from_paths, write_catalog
+from jungletrap.cluster import cluster_has_gpu
 from jungletrap.config import JobConfig, config_hash, load_config
 from jungletrap.embed import embed_catalog
 from jungletrap.ensemble import blend
@@ -82,7 +83,7 @@ def predict_videos(
     work.mkdir(parents=True, exist_ok=True)
     write_catalog(catalog, work / "catalog.parquet")
     embed_dir = work / "embeddings"
-    embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed)
+    embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed, gpu=cluster_has_gpu(client))
     build_features(client, embed_dir, work / "features", cfg.features)
     index = pd.Index(catalog[VIDEO_ID])
     per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),

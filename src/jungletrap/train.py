@@ -17,6 +17,7 @@ import pandas as pd
 from distributed import Client
 
 from jungletrap.catalog import CATALOG_NAME
+from jungletrap.cluster import gpu_resources
 from jungletrap.config import JobConfig
 from jungletrap.features import FEATURES_DIR
 from jungletrap.metrics import mean_log_loss
@@ -63,7 +64,7 @@ def _train_xgb(client: Client, cfg: JobConfig, run_dir: Path, catalog: pd.DataFr
                            models_dir=run_dir / "models" / "xgb")
 
 
-def _train_head(client: Client, cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
+def _train_head(client: Client, cfg: JobConfig, run_dir: Path, gpu: bool) -> dict[str, Any]:
     futures = [
         client.submit(
             train_head_fold,
@@ -74,8 +75,10 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: Path) -> dict[str, Any]
             k,
             cfg.train.head,
             cfg.run.seed,
+            "cuda" if gpu else "cpu",
             key=f"head-fold{k}",
             pure=False,
+            resources=gpu_resources(gpu),
         )
         for k in range(cfg.catalog.n_folds)
     ]
@@ -95,7 +98,7 @@ def run_train(client: Client, cfg: JobConfig, run_dir: Path, *, gpu: bool = Fals
     summary: dict[str, Any] = {}
     for model in cfg.train.models:
         log.info("train: %s over %d folds", model, cfg.catalog.n_folds)
-        result = _train_xgb(client, cfg, run_dir, catalog, gpu) if model == "xgb" else _train_head(client, cfg, run_dir)
+        result = _train_xgb(client, cfg, run_dir, catalog, gpu) if model == "xgb" else _train_head(client, cfg, run_dir, gpu)
         oof = result["oof"]
         if sorted(oof[VIDEO_ID]) != sorted(train_ids):
             raise RuntimeError(f"{model}: out-of-fold predictions do not cover every training clip exactly once")

@@ -98,7 +98,14 @@ def _data(inputs: HeadInputs, rows: np.ndarray, scaler: MetaScaler, cfg: HeadCon
 
 
 def train_head_fold(
-    catalog_path: str, embed_dir: str, features_dir: str, models_dir: str, fold: int, cfg: HeadConfig, seed: int
+    catalog_path: str,
+    embed_dir: str,
+    features_dir: str,
+    models_dir: str,
+    fold: int,
+    cfg: HeadConfig,
+    seed: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Dask task: fit the head on the other folds, predict the held-out fold and the test clips, save weights."""
     torch.set_num_threads(max(cfg.torch_threads, worker_nthreads()))
@@ -113,7 +120,8 @@ def train_head_fold(
     scaler = MetaScaler.fit(inputs.meta.iloc[fit_rows])
     train_data = _data(inputs, fit_rows, scaler, cfg, y[fit_rows])
     valid_data = _data(inputs, valid_rows, scaler, cfg, y[valid_rows])
-    result = fit_head(train_data, valid_data, cfg=cfg, seed=seed + fold, class_prior=y[fit_rows].mean(axis=0))
+    result = fit_head(train_data, valid_data, cfg=cfg, seed=seed + fold, class_prior=y[fit_rows].mean(axis=0),
+                      device=device)
     model = build_head(result.init_kwargs, result.state_dict)
     out_dir = Path(models_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,10 +94,26 @@ def _frame(video_ids: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
     return out
 
 
-def _predict(client: Client, booster: xgb.Booster, X: da.Array, n_rounds: int) -> np.ndarray:
+def prior_margin(labels: np.ndarray) -> np.ndarray:
+    """Per-class logit of the training rows' class rates: the boosters start from calibrated priors.
+
+    XGBoost's own intercept is one number for all 24 outputs; with rare classes and early stopping that
+    leaves common and rare classes badly calibrated, which log loss punishes.
+    """
+    rate = np.clip(labels.mean(axis=0), 1e-4, 1 - 1e-4)
+    return np.log(rate / (1 - rate)).astype(np.float32)
+
+
+def _margin(X: da.Array, margin: np.ndarray) -> da.Array:
+    full = np.broadcast_to(margin, (X.shape[0], len(margin))).astype(np.float32)
+    return da.from_array(full, chunks=(X.chunks[0], len(margin)))
+
+
+def _predict(client: Client, booster: xgb.Booster, X: da.Array, margin: np.ndarray, n_rounds: int) -> np.ndarray:
     if X.shape[0] == 0:
         return np.zeros((0, len(CLASS_NAMES)))
-    return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds)).compute()
+    return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds),
+                                    base_margin=_margin(X, margin)).compute()
 
 
 def train_xgb_folds(
@@ -119,22 +135,25 @@ def train_xgb_folds(
     oof_parts, test_probas, folds_info = [], [], []
     for k in sorted(set(folds[is_train].tolist())):
         fit, valid = is_train & (folds != k), is_train & (folds == k)
-        dtrain = xgb.dask.DaskDMatrix(client, matrix.X[fit], Y[fit])
-        dvalid = xgb.dask.DaskDMatrix(client, matrix.X[valid], Y[valid])
+        margin = prior_margin(labels[fit])
+        dtrain = xgb.dask.DaskDMatrix(client, matrix.X[fit], Y[fit], base_margin=_margin(matrix.X[fit], margin))
+        dvalid = xgb.dask.DaskDMatrix(client, matrix.X[valid], Y[valid],
+                                      base_margin=_margin(matrix.X[valid], margin))
         out = xgb.dask.train(client, xgb_params(cfg, seed=seed + k, gpu=gpu), dtrain,
                              num_boost_round=cfg.n_estimators, evals=[(dvalid, "valid")],
                              early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
         booster: xgb.Booster = out["booster"]
         n_rounds = int(booster.best_iteration) + 1
         booster.save_model(models_dir / f"fold{k}.ubj")
-        oof_parts.append(_frame(matrix.video_ids[valid], _predict(client, booster, matrix.X[valid], n_rounds)))
-        test_probas.append(_predict(client, booster, matrix.X[is_test], n_rounds))
+        oof_parts.append(_frame(matrix.video_ids[valid],
+                                _predict(client, booster, matrix.X[valid], margin, n_rounds)))
+        test_probas.append(_predict(client, booster, matrix.X[is_test], margin, n_rounds))
         curve = [float(v) for v in out["history"]["valid"]["logloss"]]
         folds_info.append({"fold": int(k), "best_iteration": n_rounds, "valid_logloss": curve[n_rounds - 1],
-                           "valid_curve": curve})
+                           "valid_curve": curve, "margin": margin.tolist()})
         log.info("xgb fold %d: %d rounds, valid logloss %.4f", k, n_rounds, curve[n_rounds - 1])
     write_json_atomic({"features": matrix.features,
-                       "folds": [{"fold": f["fold"], "best_iteration": f["best_iteration"]} for f in folds_info]},
+                       "folds": [{k: f[k] for k in ("fold", "best_iteration", "margin")} for f in folds_info]},
                       models_dir / "features.json")
     test = _frame(matrix.video_ids[is_test], np.mean(test_probas, axis=0))
     return {"oof": pd.concat(oof_parts, ignore_index=True), "test": test, "folds": folds_info}
@@ -148,5 +167,6 @@ def predict_xgb_models(client: Client, models_dir: Path, features_dir: Path) -> 
     for fold in spec["folds"]:
         booster = xgb.Booster()
         booster.load_model(models_dir / f"fold{fold['fold']}.ubj")
-        probas.append(_predict(client, booster, matrix.X, fold["best_iteration"]))
+        probas.append(_predict(client, booster, matrix.X, np.asarray(fold["margin"], np.float32),
+                               fold["best_iteration"]))
     return _frame(matrix.video_ids, np.mean(probas, axis=0)).set_index(VIDEO_ID)

@@ -1,0 +1,69 @@
+"""Shared bench helpers: seed-like clips, median timing, a printed table and results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jungletrap.synthetic import write_clip
+
+__all__ = ["seed_clips", "median_seconds", "print_table", "save_results", "machine", "RESULTS_PATH"]
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
+
+#: The seed's sampling on the benchmark clips: 15 s 640x360 H.264 at 30 fps, sampled at 3 fps x 15 s.
+CLIP_SECONDS, CLIP_FPS, CLIP_W, CLIP_H = 15.0, 30.0, 640, 360
+SAMPLE_FPS, MAX_SECONDS = 3.0, 15.0
+
+
+def seed_clips(out_dir: Path, n: int) -> list[Path]:
+    """``n`` synthetic 640x360 15 s H.264 clips (reused when already written)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = out_dir / f"seed_clip_{i:04d}.mp4"
+        if not path.exists():
+            write_clip(path, classes=["chimpanzee"] if i % 2 else ["blank"], seed=i, width=CLIP_W, height=CLIP_H,
+                       fps=CLIP_FPS, seconds=CLIP_SECONDS)
+        paths.append(path)
+    return paths
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int) -> tuple[float, list[float]]:
+    """Median wall time of ``repeats`` calls (after one warm-up call) and the raw times."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def print_table(title: str, rows: list[tuple[str, Any, str]]) -> None:
+    print(f"\n{title}")
+    width = max(len(r[0]) for r in rows)
+    for key, value, note in rows:
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {shown:>12}  {note}")
+
+
+def save_results(section: str, values: dict[str, Any], path: Path = RESULTS_PATH) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[section] = values
+    data["machine"] = machine()
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
