@@ -24,13 +24,13 @@ import cv2
 import numpy as np
 import torch
 from distributed import Client, LocalCluster
+from jungletrap.udfs.embed import _run_model
 
 from bench.common import MAX_SECONDS, SAMPLE_FPS, median_seconds, print_table, save_results, seed_clips
 from jungletrap.backbones import build_backbone, get_spec
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
 from jungletrap.embed import embed_catalog, embed_settings
-from jungletrap.udfs.embed import _run_model
 from jungletrap.video import read_clip
 
 CACHE = Path(__file__).resolve().parent / ".cache"

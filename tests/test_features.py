@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from jungletrap.udfs.embed import embed_partition
+from jungletrap.udfs.features import features_meta, features_partition, pooled_names
 
 from jungletrap.catalog import catalog_from_paths
 from jungletrap.config import EmbedConfig
 from jungletrap.embed import embed_settings
 from jungletrap.synthetic import write_clip, write_static_clip
-from jungletrap.udfs.embed import embed_partition
-from jungletrap.udfs.features import features_meta, features_partition, pooled_names
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,10 @@ def test_blend_beats_the_class_prior_out_of_fold(finished_run: tuple[Path, Path,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     prior = metrics["prior_baseline_oof"]["mean_log_loss"]
     assert set(metrics["oof"]) == {"xgb", "head", "blend"}
-    assert metrics["oof"]["blend"]["mean_log_loss"] < prior
+    blend = metrics["oof"]["blend"]["mean_log_loss"]
+    assert blend < prior
+    assert blend <= min(metrics["oof"]["xgb"]["mean_log_loss"], metrics["oof"]["head"]["mean_log_loss"]) + 1e-9
+    assert sum(metrics["weights"].values()) == pytest.approx(1)
     for model in ("xgb", "head"):
         oof = pd.read_parquet(run_dir / "oof" / f"{model}.parquet")
         assert oof["video_id"].is_unique and len(oof) == metrics["oof"][model]["n_videos"]

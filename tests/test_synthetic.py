@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jungletrap import synthetic
+from jungletrap import synthetic, synthetic_scene
 from jungletrap.schema import CLASS_NAMES, FILENAME
 from jungletrap.synthetic import (
     MANIFEST_NAME,
@@ -211,8 +211,8 @@ def test_static_clip_has_no_motion(tmp_path: Path) -> None:
 def test_each_animal_is_visible_in_most_frames(cls: str) -> None:
     """Same seed with and without the animal: the difference is the animal, which must be on screen."""
     kw: dict[str, Any] = {"seed": 5, "width": 320, "height": 180, "fps": 4, "n_frames": 24, "night": False}
-    empty = np.stack(list(synthetic._render([], **kw))).astype(int)
-    with_animal = np.stack(list(synthetic._render([cls], **kw))).astype(int)
+    empty = np.stack(list(synthetic_scene._render([], **kw))).astype(int)
+    with_animal = np.stack(list(synthetic_scene._render([cls], **kw))).astype(int)
     changed = (np.abs(with_animal - empty).max(axis=-1) > 10).sum(axis=(1, 2))  # pixels per frame
     assert (changed >= 30).mean() >= 0.8, changed
 
@@ -220,11 +220,11 @@ def test_each_animal_is_visible_in_most_frames(cls: str) -> None:
 def test_classes_differ_in_appearance() -> None:
     """Mean colour and silhouette area of each animal sprite: no two classes look alike on both."""
     looks = {}
-    for cls, design in synthetic._DESIGNS.items():
+    for cls, design in synthetic_scene._DESIGNS.items():
         rng = np.random.default_rng(0)
-        colors = {"body": synthetic._rgb(design.color), "head": synthetic._rgb(design.head_color),
-                  "pattern": synthetic._rgb(design.pattern_color)}  # fmt: skip
-        img, mask = synthetic._sprite(design, design.size * 180, 0, int(rng.integers(100)), colors)
+        colors = {"body": synthetic_scene._rgb(design.color), "head": synthetic_scene._rgb(design.head_color),
+                  "pattern": synthetic_scene._rgb(design.pattern_color)}  # fmt: skip
+        img, mask = synthetic_scene._sprite(design, design.size * 180, 0, int(rng.integers(100)), colors)
         looks[cls] = np.array([*img[mask > 0].mean(axis=0), np.sqrt(mask.sum())])
     names = list(looks)
     for i, a in enumerate(names):

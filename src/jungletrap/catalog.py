@@ -32,7 +32,14 @@ from jungletrap.schema import (
 )
 from jungletrap.storage import write_parquet_atomic
 
-__all__ = ["read_competition_csv", "build_catalog", "catalog_from_paths", "assign_folds", "write_catalog", "CATALOG_NAME"]
+__all__ = [
+    "CATALOG_NAME",
+    "assign_folds",
+    "build_catalog",
+    "catalog_from_paths",
+    "read_competition_csv",
+    "write_catalog",
+]
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from jungletrap.config import STAGES, ConfigError, JobConfig, load_config
 
 __all__ = ["app", "execute"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Camera-trap video classification on Dask.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Camera-trap video classification on Dask.")
 log = logging.getLogger("jungletrap")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (conf/*.yaml).")]

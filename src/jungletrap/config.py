@@ -160,7 +160,7 @@ class TrainConfig(_Section):
 class EnsembleConfig(_Section):
     """Blending of the models' predictions; fitted on out-of-fold predictions only."""
 
-    method: Literal["mean"] = "mean"
+    method: Literal["weights", "mean"] = "weights"
     clip: Literal["auto"] | float = "auto"
 
     @field_validator("clip")

@@ -1,6 +1,7 @@
 """Ensemble stage: blend the models' predictions, write ``submission.csv`` and ``metrics.json``.
 
-The blend and its probability clip are chosen on out-of-fold predictions only. ``submission.csv`` has exactly
+The blend (``ensemble.method``: ``weights`` fitted on out-of-fold predictions, or a plain ``mean``) and its
+probability clip are chosen on out-of-fold predictions only. ``submission.csv`` has exactly
 the rows (in the same order) and the columns of the submission-format file, whatever order the catalog used.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize
 
 from jungletrap.catalog import CATALOG_NAME, read_competition_csv
 from jungletrap.config import JobConfig
@@ -20,18 +22,41 @@ from jungletrap.schema import CLASS_NAMES, FILENAME, FOLD, SPLIT, SPLIT_TRAIN, V
 from jungletrap.storage import write_json_atomic, write_text_atomic
 from jungletrap.train import prediction_path, read_predictions
 
-__all__ = ["run_ensemble", "blend", "choose_clip", "write_submission", "CLIP_CANDIDATES"]
+__all__ = ["run_ensemble", "blend", "fit_weights", "choose_clip", "write_submission", "CLIP_CANDIDATES"]
 
 log = logging.getLogger(__name__)
 
 CLIP_CANDIDATES: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def blend(predictions: list[pd.DataFrame]) -> pd.DataFrame:
-    """The mean of the models' probabilities, aligned on ``video_id``."""
+def blend(predictions: list[pd.DataFrame], weights: np.ndarray | None = None) -> pd.DataFrame:
+    """The weighted mean (default: plain mean) of the models' probabilities, aligned on ``video_id``."""
     index = predictions[0].index
     stacked = np.stack([p.loc[index, list(CLASS_NAMES)].to_numpy(np.float64) for p in predictions])
-    return pd.DataFrame(stacked.mean(axis=0), index=index, columns=list(CLASS_NAMES))
+    w = np.full(len(predictions), 1 / len(predictions)) if weights is None else np.asarray(weights, np.float64)
+    return pd.DataFrame(np.tensordot(w, stacked, axes=1), index=index, columns=list(CLASS_NAMES))
+
+
+def fit_weights(truth: np.ndarray, predictions: list[np.ndarray]) -> np.ndarray:
+    """Global non-negative model weights summing to one that minimise the out-of-fold metric.
+
+    One weight per model (not per class) keeps the fit to M-1 free numbers, so fitting on the same OOF
+    predictions it is scored on adds little optimism; the weights include each single model, so the blend's
+    OOF loss is never above the best model's.
+    """
+    stacked = np.stack(predictions)
+    if len(predictions) == 1:
+        return np.ones(1)
+
+    def loss(z: np.ndarray) -> float:
+        w = np.exp(z - z.max())
+        return mean_log_loss(truth, np.tensordot(w / w.sum(), stacked, axes=1))
+
+    starts = [np.zeros(len(predictions))] + [np.eye(len(predictions))[i] * 8 for i in range(len(predictions))]
+    best = min((minimize(loss, z0, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7}) for z0 in starts),
+               key=lambda r: r.fun)
+    w = np.exp(best.x - best.x.max())
+    return w / w.sum()
 
 
 def choose_clip(truth: np.ndarray, proba: np.ndarray, setting: float | str) -> float:
@@ -62,10 +87,12 @@ def run_ensemble(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     truth = train[list(CLASS_NAMES)].to_numpy(np.float64)
     oof = {m: read_predictions(prediction_path(run_dir, "oof", m)).loc[train.index] for m in models}
     test = {m: read_predictions(prediction_path(run_dir, "test", m)) for m in models}
-    oof_blend = blend(list(oof.values()))
+    weights = (fit_weights(truth, [p.to_numpy() for p in oof.values()]) if cfg.ensemble.method == "weights"
+               else np.full(len(models), 1 / len(models)))
+    oof_blend = blend(list(oof.values()), weights)
     clip = choose_clip(truth, oof_blend.to_numpy(), cfg.ensemble.clip)
     oof_blend = oof_blend.clip(clip, 1 - clip)
-    test_blend = blend(list(test.values())).clip(clip, 1 - clip)
+    test_blend = blend(list(test.values()), weights).clip(clip, 1 - clip)
     prior = fold_prior_predictions(truth, train[FOLD].to_numpy())
     prior_clip = choose_clip(truth, prior, cfg.ensemble.clip)  # the baseline gets the same clip choice
     prior = np.clip(prior, prior_clip, 1 - prior_clip)
@@ -74,6 +101,7 @@ def run_ensemble(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
         "prior_baseline_oof": summarize(truth, prior, CLASS_NAMES),
         "clip": clip,
         "models": models,
+        "weights": {m: float(w) for m, w in zip(models, weights, strict=True)},
     }
     metrics["oof"]["blend"] = summarize(truth, oof_blend.to_numpy(), CLASS_NAMES)
     if cfg.data.test_labels:

@@ -88,8 +88,9 @@ def predict_videos(
     index = pd.Index(catalog[VIDEO_ID])
     per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
                  "head": lambda: _head_proba(run_dir, embed_dir, work / "features", index)}
-    proba = blend([per_model[m]() for m in cfg.train.models])
-    clip = float(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["clip"])
+    ensemble = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    proba = blend([per_model[m]() for m in cfg.train.models], [ensemble["weights"][m] for m in cfg.train.models])
+    clip = float(ensemble["clip"])
     proba = proba.clip(clip, 1 - clip)
     status = pd.read_parquet(work / "features", columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
     result = _result(catalog, proba, status, proba_threshold)

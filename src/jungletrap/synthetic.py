@@ -4,8 +4,10 @@ Why: the pipeline needs a small, realistic and *learnable* dataset that anyone c
 classes has a fixed drawn design (shape, size, colour, texture, gait, speed) moving over a textured forest scene
 with wind and lighting changes, so pooled CNN features can separate the common classes. Priors are imbalanced like
 a real camera-trap set, ~30% of clips are infrared night clips, and clips mix resolutions, frame rates (1 fps
-included) and containers (MP4/MKV H.264, AVI MPEG-4, ASF MS-MPEG4v3, WMV WMV2). Frames are drawn with numpy and
-OpenCV and encoded with PyAV's bundled FFmpeg using deterministic settings (one encoder thread, bit-exact muxing).
+included) and containers (MP4/MKV H.264, AVI MPEG-4, ASF MS-MPEG4v3, WMV WMV2). Frames are drawn by
+:mod:`jungletrap.synthetic_scene` (the class designs, scene and animals) and encoded here with PyAV's bundled FFmpeg
+using deterministic settings (one encoder thread, bit-exact muxing). This module owns the dataset plan (every random
+choice, made up front), the encoding, the CSVs and the manifest.
 
 Completeness: each clip and CSV is written under a temporary name and renamed, and ``MANIFEST.json`` is written
 last, so :func:`demo_dataset_complete` is the one check a caller needs before skipping generation.
@@ -17,12 +19,11 @@ import json
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import av
 import cv2
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from jungletrap.schema import CLASS_NAMES, FILENAME, SPLIT_TEST, SPLIT_TRAIN
+from jungletrap.synthetic_scene import _DESIGNS, BLANK, _render
 
 __all__ = [
     "CLASS_PRIORS",
@@ -92,6 +94,7 @@ class _ClipPlan:
     fps: float
     seconds: float
     night: bool
+
 
 # ---------------------------------------------------------------- encoding
 

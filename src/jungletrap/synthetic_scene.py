@@ -50,7 +50,8 @@ class _Design(NamedTuple):
 
 _D = _Design
 # fmt: off
-_DESIGNS: dict[str, _Design] = {  # shape size aspect colour pattern pattern-colour leg head head-colour tail extra speed bob night
+# columns: shape size aspect colour pattern pattern-colour leg head head-colour tail extra speed bob night
+_DESIGNS: dict[str, _Design] = {
     "bird": _D("ellipse", .10, .45, 0xBE2D28, "band", 0x28288C, 0, .45, 0xBE2D28, .35, "wings", .3, .5, .05),
     "cattle": _D("rect", .55, .5, 0xEBE6DC, "patches", 0x191919, 1, .4, 0xEBE6DC, .35, "horns", .06, .05, .1),
     "chimpanzee": _D("wedge", .32, .55, 0x1E1C1C, "none", 0, 1, .42, 0xC89682, 0, "", .12, .12, .15),
@@ -153,14 +154,16 @@ def _sprite(d: _Design, length: float, pose: int, seed: int, colors: dict[str, A
     cx = cy = cv.img.shape[0] / 2
     body_c, head_c, pat_c = colors["body"], colors["head"], colors["pattern"]
     phase = 2 * np.pi * pose / _POSES
-    body: Callable[[np.ndarray, Any], Any]
     if d.shape == "upright":  # L is the whole figure, the torso B wide; trousers in the pattern colour
         top, hip, leg = cy - L * 0.25, cy + L * 0.15, L * 0.45
         for k, dx in ((0, -B / 4), (np.pi, B / 4)):
             swing = np.sin(phase + k) * leg * 0.35
             cv.line([(cx + dx, hip), (cx + dx + swing, hip + leg)], B * 0.35, pat_c)
             cv.line([(cx + dx * 2.2, top + B * 0.2), (cx + dx * 2.2 - swing * 0.8, hip)], B * 0.22, head_c)
-        body = lambda t, c: cv2.rectangle(t, (int(cx - B / 2), int(top)), (int(cx + B / 2), int(hip)), c, -1)
+
+        def body(t: np.ndarray, c: Any) -> Any:
+            return cv2.rectangle(t, (int(cx - B / 2), int(top)), (int(cx + B / 2), int(hip)), c, -1)
+
         hx, hy = cx, top - d.head * B
     else:
         legs, leg_w = (0 if d.extra == "wings" else 4), 0.1 + 0.25 * d.size  # big animals have thick legs
@@ -180,9 +183,15 @@ def _sprite(d: _Design, length: float, pose: int, seed: int, colors: dict[str, A
         poly = np.array([[cx - L / 2, cy + B / 2], [cx - L / 2, cy - B / 2 + B * rise[0]],
                          [cx + L / 2, cy - B / 2 - B * rise[1]], [cx + L / 2, cy + B / 2]], np.int32)  # fmt: skip
         if d.shape == "ellipse":
-            body = lambda t, c: cv2.ellipse(t, (int(cx), int(cy)), (int(L / 2), int(B / 2)), 0, 0, 360, c, -1)
+
+            def body(t: np.ndarray, c: Any) -> Any:
+                return cv2.ellipse(t, (int(cx), int(cy)), (int(L / 2), int(B / 2)), 0, 0, 360, c, -1)
+
         else:
-            body = lambda t, c: cv2.fillPoly(t, [poly], c)
+
+            def body(t: np.ndarray, c: Any) -> Any:
+                return cv2.fillPoly(t, [poly], c)
+
         hx, hy = cx + L / 2, cy - B * 0.35
     cv.put(body, body_c)
     body_mask = np.zeros_like(cv.mask)

@@ -98,7 +98,10 @@ def run_train(client: Client, cfg: JobConfig, run_dir: Path, *, gpu: bool = Fals
     summary: dict[str, Any] = {}
     for model in cfg.train.models:
         log.info("train: %s over %d folds", model, cfg.catalog.n_folds)
-        result = _train_xgb(client, cfg, run_dir, catalog, gpu) if model == "xgb" else _train_head(client, cfg, run_dir, gpu)
+        if model == "xgb":
+            result = _train_xgb(client, cfg, run_dir, catalog, gpu)
+        else:
+            result = _train_head(client, cfg, run_dir, gpu)
         oof = result["oof"]
         if sorted(oof[VIDEO_ID]) != sorted(train_ids):
             raise RuntimeError(f"{model}: out-of-fold predictions do not cover every training clip exactly once")
@@ -110,7 +113,3 @@ def run_train(client: Client, cfg: JobConfig, run_dir: Path, *, gpu: bool = Fals
     write_json_atomic(summary, run_dir / "train_metrics.json")
     return {m: round(v["oof_log_loss"], 6) for m, v in summary.items()}
 
-
-def class_prior(catalog: pd.DataFrame) -> np.ndarray:
-    train = catalog[catalog[SPLIT] == SPLIT_TRAIN]
-    return train[list(CLASS_NAMES)].to_numpy(np.float64).mean(axis=0)

@@ -1,0 +1,65 @@
+"""Ensemble: weights fitted on OOF never lose to the best model; the submission follows the format file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jungletrap.ensemble import blend, choose_clip, fit_weights, write_submission
+from jungletrap.metrics import mean_log_loss
+from jungletrap.schema import CLASS_NAMES, FILENAME
+
+
+def _problem(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((300, 24)) < 0.15).astype(float)
+    good = np.clip(0.7 * y + 0.15 + rng.normal(0, 0.1, y.shape), 0.01, 0.99)
+    weak = np.clip(0.3 * y + 0.2 + rng.normal(0, 0.2, y.shape), 0.01, 0.99)
+    return y, good, weak
+
+
+def test_fitted_weights_beat_each_model_and_favour_the_better_one() -> None:
+    y, good, weak = _problem()
+    w = fit_weights(y, [weak, good])
+    assert w.sum() == pytest.approx(1) and (w >= 0).all() and w[1] > w[0]
+    blended = np.tensordot(w, np.stack([weak, good]), axes=1)
+    assert mean_log_loss(y, blended) <= min(mean_log_loss(y, good), mean_log_loss(y, weak)) + 1e-9
+
+
+def test_blend_aligns_on_video_id() -> None:
+    a = pd.DataFrame(np.full((2, 24), 0.2), index=["v1", "v2"], columns=list(CLASS_NAMES))
+    b = pd.DataFrame(np.full((2, 24), 0.6), index=["v2", "v1"], columns=list(CLASS_NAMES))
+    b.loc["v1"] = 0.4
+    out = blend([a, b], np.array([0.5, 0.5]))
+    assert out.loc["v1"].iloc[0] == pytest.approx(0.3) and out.loc["v2"].iloc[0] == pytest.approx(0.4)
+
+
+def test_auto_clip_picks_a_candidate_that_helps_overconfident_models() -> None:
+    y, good, _ = _problem(1)
+    overconfident = np.where(good > 0.5, 1.0, 0.0)
+    assert choose_clip(y, overconfident, "auto") > 0
+    assert choose_clip(y, good, 0.002) == 0.002
+
+
+def test_submission_follows_the_format_file_order(tmp_path: Path) -> None:
+    names = [f"clip_{i}.mp4" for i in range(5)]
+    fmt = pd.DataFrame({FILENAME: names[::-1], **{c: 0.5 for c in CLASS_NAMES}})
+    fmt.to_csv(tmp_path / "fmt.csv", index=False)
+    test = pd.DataFrame(np.arange(5 * 24).reshape(5, 24) / 1000, index=names, columns=list(CLASS_NAMES))
+    sub = write_submission(test, tmp_path / "fmt.csv", tmp_path / "submission.csv")
+    written = pd.read_csv(tmp_path / "submission.csv")
+    assert list(written.columns) == [FILENAME, *CLASS_NAMES]
+    assert written[FILENAME].tolist() == names[::-1]
+    np.testing.assert_allclose(written.set_index(FILENAME).loc[names].to_numpy(), test.to_numpy(), atol=1e-6)
+    assert len(sub) == 5
+
+
+def test_submission_refuses_missing_predictions(tmp_path: Path) -> None:
+    fmt = pd.DataFrame({FILENAME: ["a.mp4", "b.mp4"], **{c: 0.5 for c in CLASS_NAMES}})
+    fmt.to_csv(tmp_path / "fmt.csv", index=False)
+    test = pd.DataFrame(np.full((1, 24), 0.1), index=["a.mp4"], columns=list(CLASS_NAMES))
+    with pytest.raises(ValueError, match="b.mp4"):
+        write_submission(test, tmp_path / "fmt.csv", tmp_path / "submission.csv")
