@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,34 @@ def test_bad_config_stops_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "embed.n_frames" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_predict_reproduces_the_runs_test_predictions(finished_run: tuple[Path, Path, str], tiny_dataset: Path,
+                                                      tmp_path: Path) -> None:
+    _, run_dir, _ = finished_run
+    fmt = pd.read_csv(tiny_dataset / "submission_format.csv")
+    clips = tmp_path / "test clips"
+    clips.mkdir()
+    for name in fmt[FILENAME]:
+        (clips / name).symlink_to(tiny_dataset / "videos" / name)
+    out = tmp_path / "pred.csv"
+    proc = _cli("predict", "--run-dir", str(run_dir), "--videos", str(clips), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pred = pd.read_csv(out).set_index(FILENAME)
+    sub = pd.read_csv(run_dir / "submission.csv").set_index(FILENAME)
+    np.testing.assert_allclose(pred.loc[sub.index, list(CLASS_NAMES)].to_numpy(), sub.to_numpy(), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_training_is_reproducible(finished_run: tuple[Path, Path, str], tmp_path: Path) -> None:
+    config, run_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("oof", "test", "models", "predict"))
+    proc = _cli("run", "--config", str(config), "--run-dir", str(copy))
+    assert proc.returncode == 0, proc.stderr
+    assert "embed: already done for this config, skipped" in proc.stderr
+    assert "train: starting" in proc.stderr
+    for model in ("xgb", "head"):
+        a = pd.read_parquet(run_dir / "oof" / f"{model}.parquet")
+        b = pd.read_parquet(copy / "oof" / f"{model}.parquet")
+        pd.testing.assert_frame_equal(a, b)

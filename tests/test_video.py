@@ -50,7 +50,8 @@ def _read_barcode(frame: np.ndarray, size: int, width: int = W, height: int = H)
 
 
 def _write_clip(path: Path, times: Sequence[float], *, rate: int = 1000, fmt: str | None = None,
-                codec: str = "libx264", width: int = W, height: int = H, container_options: dict[str, str] | None = None,
+                codec: str = "libx264", width: int = W, height: int = H,
+                container_options: dict[str, str] | None = None,
                 image: Callable[[int], np.ndarray] | None = None) -> Path:
     """Encode one barcoded frame per timestamp (seconds, on a 1/rate tick: 1000 for VFR or rounded timestamps)."""
     tick = Fraction(1, rate)

@@ -1,8 +1,14 @@
 """``report.html``: one self-contained page a person reads instead of scrolling logs.
 
-Sections: summary, scores per model vs the class-prior baseline, per-class log loss chart, stage timings,
-failed videos with reasons, and the resolved config. Charts are matplotlib PNGs embedded as base64, so the
-file has no external URL and can be mailed or archived on its own.
+Sections: summary, scores per model vs the class-prior baseline, per-class log loss and AUC, reliability curves
+for the most prevalent classes, class prevalence, a contact sheet of the blend's most confident right and wrong
+clips, stage timings, failed videos with reasons, and the resolved config. Charts are matplotlib PNGs (Agg)
+embedded as base64, so the file has no external URL and can be mailed or archived on its own.
+
+Reliability curves use scikit-learn's ``calibration_curve`` with quantile bins: most probabilities of a rare
+class sit near 0, and uniform bins would leave the upper bins with one or two clips each. The out-of-fold blend
+is not an artifact of its own; :func:`oof_predictions` rebuilds it from ``oof/<model>.parquet`` with the weights
+and clip recorded in ``metrics.json``, exactly as the ensemble stage made it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,34 +25,54 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
 
+from jungletrap.catalog import CATALOG_NAME  # noqa: E402
+from jungletrap.config import ConfigError, EmbedConfig, load_config  # noqa: E402
+from jungletrap.ensemble import blend  # noqa: E402
 from jungletrap.manifest import Manifest  # noqa: E402
-from jungletrap.schema import CLASS_NAMES, ERROR, STATUS, STATUS_ERROR, VIDEO_ID  # noqa: E402
+from jungletrap.schema import (  # noqa: E402
+    CLASS_NAMES,
+    ERROR,
+    PATH,
+    SPLIT,
+    SPLIT_TRAIN,
+    STATUS,
+    STATUS_ERROR,
+    VIDEO_ID,
+)
 from jungletrap.storage import write_text_atomic  # noqa: E402
+from jungletrap.train import prediction_path, read_predictions  # noqa: E402
+from jungletrap.video import read_clip  # noqa: E402
 
-__all__ = ["write_report", "failed_videos"]
+__all__ = ["write_report", "failed_videos", "oof_predictions", "main_classes", "BLEND"]
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+BLEND = "blend"
+N_MAIN_CLASSES = 6  # classes given reliability curves: the most prevalent in the training labels
+CALIBRATION_BINS = 8
+CONTACT_PER_KIND = 4  # clips per kind (confidently right, confidently wrong) on the contact sheet
+CONTACT_FRAMES = 4
+CONTACT_SIZE = 128
+_DECODE_TIMEOUT_S = 30.0
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1150px;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#eee}td:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}"""
+th{background:#eee}td:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}
+nav a{margin-right:1em}.sheet{display:flex;flex-wrap:wrap;gap:1.2em}figure{margin:0;max-width:540px}
+figcaption{font-size:90%}.right{color:#176b2c}.wrong{color:#b00020}.err{color:#b00020;font-family:monospace}"""
 
 
-def _png(fig: plt.Figure) -> str:
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _png(fig: plt.Figure, alt: str = "chart") -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _per_class_chart(metrics: dict[str, Any]) -> str:
-    models = {**metrics["oof"], "prior": metrics["prior_baseline_oof"]}
-    frame = pd.DataFrame({m: v["per_class_log_loss"] for m, v in models.items()}).loc[list(CLASS_NAMES)]
-    fig, ax = plt.subplots(figsize=(11, 4))
-    frame.plot.bar(ax=ax, width=0.8)
-    ax.set_ylabel("out-of-fold log loss")
-    ax.set_title("Per-class log loss (lower is better)")
-    return _png(fig)
+    return _img(buf.getvalue(), alt)
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -54,17 +81,37 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _scores(metrics: dict[str, Any]) -> str:
-    rows = []
-    for name, m in [*metrics["oof"].items(), ("class prior", metrics["prior_baseline_oof"])]:
-        aucs = [v for v in m["per_class_auc"].values() if v is not None]
-        mean_auc = sum(aucs) / len(aucs) if aucs else float("nan")
-        rows.append([name, f"{m['mean_log_loss']:.5f}", f"{mean_auc:.3f}", f"{m['top1_accuracy']:.3f}"])
-    table = _table(rows, ["model (out of fold)", "mean log loss", "mean AUC", "top-1 accuracy"])
-    if "test" in metrics:
-        test_rows = [[n, f"{m['mean_log_loss']:.5f}", f"{m['top1_accuracy']:.3f}"] for n, m in metrics["test"].items()]
-        table += "<h3>Held-out test labels</h3>" + _table(test_rows, ["model", "mean log loss", "top-1 accuracy"])
-    return table
+def _models(metrics: dict[str, Any]) -> list[str]:
+    return list(metrics.get("models") or [m for m in metrics["oof"] if m != BLEND])
+
+
+def _weights(metrics: dict[str, Any]) -> dict[str, float]:
+    """Recorded blend weights; equal weights for runs made before the ensemble stage recorded them."""
+    models = _models(metrics)
+    return {m: float(w) for m, w in (metrics.get("weights") or {m: 1 / len(models) for m in models}).items()}
+
+
+def oof_predictions(run_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Each model's out-of-fold probabilities (indexed by ``video_id``) plus the clipped blend under ``"blend"``.
+
+    The ensemble stage saves only the blend's scores, so the blend is rebuilt here with
+    :func:`jungletrap.ensemble.blend`, the recorded weights and the recorded clip.
+    """
+    models = _models(metrics)
+    preds = {m: read_predictions(prediction_path(run_dir, "oof", m)) for m in models}
+    index = preds[models[0]].index
+    preds = {m: p.loc[index, list(CLASS_NAMES)] for m, p in preds.items()}
+    weights = _weights(metrics)
+    clip = float(metrics.get("clip", 0.0))
+    preds[BLEND] = blend(list(preds.values()), np.array([weights[m] for m in models])).clip(clip, 1 - clip)
+    return preds
+
+
+def main_classes(truth: pd.DataFrame, n: int = N_MAIN_CLASSES) -> list[str]:
+    """The ``n`` most prevalent classes that have both positive and negative clips (ties: competition order)."""
+    counts = truth[list(CLASS_NAMES)].sum()
+    usable = counts[(counts > 0) & (counts < len(truth))]
+    return usable.sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 
 def failed_videos(embed_dir: Path) -> pd.DataFrame:
@@ -76,31 +123,220 @@ def failed_videos(embed_dir: Path) -> pd.DataFrame:
     return frame.loc[frame[STATUS] == STATUS_ERROR, [VIDEO_ID, ERROR]].reset_index(drop=True)
 
 
+# ---------------------------------------------------------------- sections
+
+
+def _summary(metrics: dict[str, Any], n_failed: int, n_train: int) -> str:
+    blend_ll, prior = metrics["oof"][BLEND]["mean_log_loss"], metrics["prior_baseline_oof"]["mean_log_loss"]
+    gain = f" ({1 - blend_ll / prior:.1%} lower)" if prior > 0 else ""
+    if metrics.get("weights"):
+        weights = ", ".join(f"{m} {w:.3f}" for m, w in _weights(metrics).items())
+    else:
+        weights = "equal (plain mean; this run did not record weights)"
+    items = [f"Probability clip: {metrics.get('clip', 0.0):g} (chosen on out-of-fold predictions)",
+             f"Blend weights: {weights}", f"Failed videos: {n_failed}"]
+    lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
+    return (f"<p>Blend out-of-fold mean log loss <b>{blend_ll:.5f}</b> versus <b>{prior:.5f}</b> for the "
+            f"class-prior baseline{html.escape(gain)}, over {n_train} training clips.</p><ul>{lis}</ul>")
+
+
+def _mean_auc(m: dict[str, Any]) -> float:
+    aucs = [v for v in m["per_class_auc"].values() if v is not None]
+    return sum(aucs) / len(aucs) if aucs else float("nan")
+
+
+def _score_rows(scores: dict[str, Any], names: list[str], weights: dict[str, float]) -> list[list[Any]]:
+    rows = []
+    for name in names:
+        m = scores[name]
+        weight = f"{weights[name]:.3f}" if name in weights else ""
+        rows.append([name, weight, f"{m['mean_log_loss']:.5f}", f"{_mean_auc(m):.3f}", f"{m['top1_accuracy']:.3f}",
+                     m.get("n_videos", "")])
+    return rows
+
+
+def _scores(metrics: dict[str, Any]) -> str:
+    names = [*_models(metrics), BLEND]
+    header = ["model", "blend weight", "mean log loss", "mean AUC", "top-1 accuracy", "videos"]
+    weights = _weights(metrics)
+    oof = {**metrics["oof"], "class prior": metrics["prior_baseline_oof"]}
+    out = "<h3>Out of fold (training labels)</h3>" + _table(_score_rows(oof, [*names, "class prior"], weights), header)
+    if "test" in metrics:
+        test_names = [n for n in names if n in metrics["test"]]
+        out += "<h3>Held-out test labels</h3>" + _table(_score_rows(metrics["test"], test_names, weights), header)
+    return out
+
+
+def _per_class_bars(frame: pd.DataFrame, ylabel: str, title: str) -> tuple[plt.Figure, plt.Axes]:
+    fig, ax = plt.subplots(figsize=(11, 4))
+    frame.loc[list(CLASS_NAMES)].astype(float).plot.bar(ax=ax, width=0.8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: bars reach the top
+    return fig, ax
+
+
+def _per_class(metrics: dict[str, Any]) -> str:
+    names = [*_models(metrics), BLEND]
+    loss = pd.DataFrame({m: metrics["oof"][m]["per_class_log_loss"] for m in names}
+                        | {"class prior": metrics["prior_baseline_oof"]["per_class_log_loss"]})
+    fig, _ = _per_class_bars(loss, "out-of-fold log loss", "Per-class log loss (lower is better)")
+    charts = _png(fig, "per-class log loss")
+    auc = pd.DataFrame({m: {c: (np.nan if v is None else v) for c, v in metrics["oof"][m]["per_class_auc"].items()}
+                        for m in names})
+    fig, ax = _per_class_bars(auc, "out-of-fold ROC AUC", "Per-class AUC (higher is better; no bar: AUC undefined)")
+    ax.axhline(0.5, color="grey", ls="--", lw=1)
+    ax.set_ylim(0, 1.02)
+    return charts + _png(fig, "per-class AUC")
+
+
+def _calibration(truth: pd.DataFrame, preds: dict[str, pd.DataFrame]) -> str:
+    classes = main_classes(truth)
+    if not classes:
+        return "<p>No class has both positive and negative training clips.</p>"
+    cols = min(3, len(classes))
+    rows = math.ceil(len(classes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.7 * rows), squeeze=False)
+    for ax, cls in zip(axes.flat, classes, strict=False):
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+        for name, pred in preds.items():
+            observed, predicted = calibration_curve(truth[cls], pred[cls], n_bins=CALIBRATION_BINS,
+                                                    strategy="quantile")
+            ax.plot(predicted, observed, marker="o", ms=3, lw=2.2 if name == BLEND else 1, label=name)
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{cls} ({int(truth[cls].sum())} positive)",
+               xlabel="mean predicted probability", ylabel="observed frequency")
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return (f"<p>Out-of-fold reliability of the blend and each model for the {len(classes)} most prevalent classes "
+            f"({CALIBRATION_BINS} quantile bins; points on the diagonal are calibrated).</p>"
+            + _png(fig, "reliability curves"))
+
+
+def _prevalence(truth: pd.DataFrame) -> str:
+    counts = truth[list(CLASS_NAMES)].sum().astype(int).sort_values(kind="stable")
+    main = set(main_classes(truth))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    ax.barh(counts.index, counts.to_numpy(), color=["#d9822b" if c in main else "#4c72b0" for c in counts.index])
+    for y, v in enumerate(counts.to_numpy()):
+        ax.text(v, y, f" {v}", va="center", fontsize=8)
+    ax.set_xlabel("training clips with the label")
+    ax.set_title("Class prevalence in the training labels (orange: calibration classes)")
+    n_multi = int((truth[list(CLASS_NAMES)].sum(axis=1) > 1).sum())
+    return (f"<p>{len(truth)} training clips, {n_multi} with more than one label.</p>"
+            + _png(fig, "class prevalence"))
+
+
+def _contact_picks(truth: pd.DataFrame, pred: pd.DataFrame) -> list[tuple[str, bool]]:
+    """The blend's most confident right and wrong top-1 clips; right = the top class is a true class."""
+    proba = pred.to_numpy()
+    top = proba.argmax(axis=1)
+    right = truth.loc[pred.index, list(CLASS_NAMES)].to_numpy()[np.arange(len(top)), top] == 1
+    order = np.argsort(-proba.max(axis=1), kind="stable")
+    picks = [i for i in order if right[i]][:CONTACT_PER_KIND] + [i for i in order if not right[i]][:CONTACT_PER_KIND]
+    return [(str(pred.index[i]), bool(right[i])) for i in picks]
+
+
+def _frame_strip(path: str, embed: EmbedConfig) -> bytes:
+    """A few of the frames the model saw (same sampling as the embed stage), side by side as one PNG."""
+    frames, _ = read_clip(path, sample_fps=embed.sample_fps, max_seconds=embed.max_seconds, n_frames=embed.n_frames,
+                          size=CONTACT_SIZE, timeout_s=_DECODE_TIMEOUT_S)
+    keep = np.unique(np.linspace(0, len(frames) - 1, min(CONTACT_FRAMES, len(frames))).round().astype(int))
+    gap = np.full((CONTACT_SIZE, 4, 3), 255, np.uint8)
+    strip = np.concatenate([x for i in keep for x in (frames[i], gap)][:-1], axis=1)
+    buf = io.BytesIO()
+    plt.imsave(buf, strip, format="png")
+    return buf.getvalue()
+
+
+def _contact_card(video_id: str, right: bool, truth: pd.Series, pred: pd.Series, path: str | None,
+                  embed: EmbedConfig) -> str:
+    try:
+        if path is None:
+            raise FileNotFoundError("not in the catalog")
+        picture = _img(_frame_strip(path, embed), f"frames of {video_id}")
+    except Exception as err:  # one undecodable clip must not cost the whole report
+        picture = f'<p class="err">frames unavailable: {html.escape(f"{type(err).__name__}: {err}")}</p>'
+    labels = ", ".join(c for c in CLASS_NAMES if truth[c] == 1) or "(none)"
+    top3 = ", ".join(f"{c} {p:.3f}" for c, p in pred.sort_values(ascending=False, kind="stable").head(3).items())
+    kind = "right" if right else "wrong"
+    return (f"<figure>{picture}<figcaption><b>{html.escape(video_id)}</b> "
+            f'<span class="{kind}">{kind}</span><br>true: {html.escape(labels)}<br>'
+            f"top-3: {html.escape(top3)}</figcaption></figure>")
+
+
+def _contact_sheet(truth: pd.DataFrame, catalog: pd.DataFrame, pred: pd.DataFrame, embed: EmbedConfig) -> str:
+    picks = _contact_picks(truth, pred)
+    if not picks:
+        return "<p>No out-of-fold predictions.</p>"
+    paths = catalog[PATH].to_dict()
+    cards = "".join(_contact_card(v, right, truth.loc[v], pred.loc[v], paths.get(v), embed) for v, right in picks)
+    return (f"<p>The blend's {CONTACT_PER_KIND} most confident right and {CONTACT_PER_KIND} most confident wrong "
+            f"out-of-fold top-1 predictions; frames sampled as in the embed stage "
+            f"({embed.sample_fps:g} fps, at most {embed.max_seconds:g} s).</p><div class=\"sheet\">{cards}</div>")
+
+
 def _timings(run_dir: Path) -> str:
     stages = Manifest(run_dir).data.get("stages", {})
-    rows = [[name, rec.get("status"), f"{rec.get('seconds') or 0:.1f}", json.dumps(rec.get("counts", {}))]
-            for name, rec in stages.items()]
-    return _table(rows, ["stage", "status", "seconds", "counts"])
+    rows = [[name, rec.get("status"), f"{rec.get('seconds') or 0:.1f}", json.dumps(rec.get("counts", {})),
+             rec.get("error") or ""] for name, rec in stages.items()]
+    return _table(rows, ["stage", "status", "seconds", "counts", "error"])
+
+
+def _failures(failed: pd.DataFrame) -> str:
+    if not len(failed):
+        return "<p>None.</p>"
+    return f"<p>{len(failed)} video(s) could not be decoded.</p>" + _table(failed.values.tolist(), ["video", "reason"])
+
+
+def _embed_config(run_dir: Path) -> EmbedConfig:
+    """The run's frame sampling; the defaults when its config.yaml is missing or no longer validates."""
+    try:
+        return load_config(run_dir / "config.yaml").embed
+    except ConfigError:
+        return EmbedConfig()
+
+
+def _oof_sections(run_dir: Path, truth: pd.DataFrame, catalog: pd.DataFrame,
+                  metrics: dict[str, Any]) -> tuple[str, str]:
+    """The calibration and contact-sheet bodies, which need the out-of-fold predictions themselves."""
+    try:
+        preds = oof_predictions(run_dir, metrics)
+    except (FileNotFoundError, KeyError) as err:
+        missing = f"<p>Out-of-fold predictions unavailable: {html.escape(f'{type(err).__name__}: {err}')}</p>"
+        return missing, missing
+    truth = truth.loc[preds[BLEND].index]
+    ordered = {BLEND: preds[BLEND], **{m: p for m, p in preds.items() if m != BLEND}}
+    return (_calibration(truth, ordered),
+            _contact_sheet(truth, catalog, preds[BLEND], _embed_config(run_dir)))
 
 
 def write_report(run_dir: Path, embed_dir: Path) -> Path:
-    """Render ``run_dir/report.html`` from metrics.json, the manifest, the embeddings and config.yaml."""
+    """Render ``run_dir/report.html`` from metrics.json, the OOF predictions, catalog, manifest, embeddings, config."""
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    catalog = pd.read_parquet(run_dir / CATALOG_NAME).set_index(VIDEO_ID)
+    truth = catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, list(CLASS_NAMES)]
     failed = failed_videos(embed_dir)
-    blend, prior = metrics["oof"]["blend"]["mean_log_loss"], metrics["prior_baseline_oof"]["mean_log_loss"]
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
-    failed_html = _table(failed.values.tolist(), ["video", "reason"]) if len(failed) else "<p>None.</p>"
-    body = f"""<h1>jungletrap run: {html.escape(run_dir.name)}</h1>
-<section id="summary"><h2>Summary</h2><p>Blend out-of-fold mean log loss <b>{blend:.5f}</b>
-versus <b>{prior:.5f}</b> for the class-prior baseline; probabilities clipped at {metrics['clip']:g}.
-{len(failed)} video(s) failed to decode.</p></section>
-<section id="scores"><h2>Scores</h2>{_scores(metrics)}</section>
-<section id="per-class"><h2>Per-class log loss</h2>{_per_class_chart(metrics)}</section>
-<section id="timings"><h2>Stages</h2>{_timings(run_dir)}</section>
-<section id="failures"><h2>Failed videos</h2>{failed_html}</section>
-<section id="config"><h2>Configuration</h2><pre>{html.escape(config_text)}</pre></section>"""
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>jungletrap report</title>" \
-           f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+    calibration, contact_sheet = _oof_sections(run_dir, truth, catalog, metrics)
+    sections = [
+        ("summary", "Summary", _summary(metrics, len(failed), len(truth))),
+        ("scores", "Scores", _scores(metrics)),
+        ("per-class", "Per-class log loss and AUC", _per_class(metrics)),
+        ("calibration", "Calibration (out of fold)", calibration),
+        ("prevalence", "Class prevalence", _prevalence(truth)),
+        ("contact-sheet", "Contact sheet", contact_sheet),
+        ("timings", "Stages", _timings(run_dir)),
+        ("failures", "Failed videos", _failures(failed)),
+        ("config", "Configuration", f"<pre>{html.escape(config_text)}</pre>"),
+    ]
+    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
+                     for sid, title, content in sections)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>jungletrap report: "
+            f"{html.escape(run_dir.name)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>jungletrap run: {html.escape(run_dir.name)}</h1><nav>{nav}</nav>\n{body}</body></html>")
     out = run_dir / "report.html"
     write_text_atomic(page, out)
     return out
