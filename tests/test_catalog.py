@@ -63,3 +63,17 @@ def test_wrong_columns_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bad.csv") as err:
         read_competition_csv(path)
     assert "zebra" in str(err.value)
+
+
+def test_fold_masks_never_let_a_model_see_its_validation_rows() -> None:
+    from jungletrap.catalog import fold_masks
+
+    split = np.array(["train"] * 6 + ["test"] * 2)
+    folds = np.array([0, 1, 2, 0, 1, 2, -1, -1])
+    covered = np.zeros(8, dtype=int)
+    for k in range(3):
+        fit, valid = fold_masks(split, folds, k)
+        assert not (fit & valid).any() and not (fit | valid)[6:].any()
+        assert (folds[valid] == k).all() and (folds[fit] != k).all()
+        covered += valid
+    assert covered[:6].tolist() == [1] * 6  # every training row is validated exactly once

@@ -37,6 +37,7 @@ __all__ = [
     "assign_folds",
     "build_catalog",
     "catalog_from_paths",
+    "fold_masks",
     "read_competition_csv",
     "write_catalog",
 ]
@@ -74,6 +75,16 @@ def assign_folds(labels: np.ndarray, *, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
+def fold_masks(split: np.ndarray, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows a fold's model fits on and the rows it is validated on: disjoint, training split only.
+
+    Every model (XGBoost and the head) takes its rows from here, so no model sees its own validation rows.
+    """
+    is_train = np.asarray(split) == SPLIT_TRAIN
+    held = np.asarray(folds) == fold
+    return is_train & ~held, is_train & held
+
+
 def _file_size(path: Path) -> int:
     try:
         return os.stat(path).st_size if path.is_file() else -1
@@ -83,7 +94,7 @@ def _file_size(path: Path) -> int:
 
 def build_catalog(data: DataConfig, cfg: CatalogConfig, *, seed: int) -> pd.DataFrame:
     """One row per listed clip: id, path, size, split, fold, partition and the 24 labels (NaN for test)."""
-    root = Path(data.videos)
+    root = Path(data.videos).expanduser().resolve()  # workers may run elsewhere: never hand them a relative path
     train = read_competition_csv(data.labels)
     test = read_competition_csv(data.submission_format)
     overlap = set(train[FILENAME]) & set(test[FILENAME])

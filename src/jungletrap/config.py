@@ -127,7 +127,7 @@ class XGBConfig(_Section):
     learning_rate: float = Field(0.1, gt=0, le=1)
     max_depth: int = Field(4, ge=1, le=16)
     min_child_weight: float = Field(1.0, ge=0)
-    subsample: float = Field(0.9, gt=0, le=1)
+    subsample: float = Field(1.0, gt=0, le=1)  # < 1 makes xgboost.dask depend on how rows sit on workers
     colsample_bytree: float = Field(0.5, gt=0, le=1)
     reg_lambda: float = Field(1.0, ge=0)
     early_stopping_rounds: int = Field(30, ge=1)

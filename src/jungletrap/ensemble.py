@@ -7,6 +7,7 @@ the rows (in the same order) and the columns of the submission-format file, what
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,9 @@ def run_ensemble(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
         "weights": {m: float(w) for m, w in zip(models, weights, strict=True)},
     }
     metrics["oof"]["blend"] = summarize(truth, oof_blend.to_numpy(), CLASS_NAMES)
+    training = run_dir / "train_metrics.json"
+    if training.exists():  # per-fold scores and training curves, kept with the rest of the metrics
+        metrics["training"] = json.loads(training.read_text(encoding="utf-8"))
     if cfg.data.test_labels:
         metrics["test"] = _test_scores(cfg.data.test_labels, {**test, "blend": test_blend})
     write_submission(test_blend, cfg.data.submission_format, run_dir / "submission.csv")

@@ -103,7 +103,7 @@ def predict_videos(
 def _result(catalog: pd.DataFrame, proba: pd.DataFrame, status: pd.DataFrame,
             threshold: float | None) -> pd.DataFrame:
     ok = (status[STATUS] == STATUS_OK).to_numpy()
-    values = proba.to_numpy(np.float64)
+    values = proba.to_numpy(np.float64, copy=True)
     values[~ok] = np.nan
     result = pd.DataFrame(values, columns=list(CLASS_NAMES))
     result.insert(0, FILENAME, catalog[FILENAME].to_numpy())

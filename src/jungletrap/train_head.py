@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from jungletrap.catalog import fold_masks
 from jungletrap.cluster import worker_nthreads
 from jungletrap.config import HeadConfig
 from jungletrap.embed import read_embedding_meta
@@ -29,7 +30,6 @@ from jungletrap.schema import (
     PIXEL_COLUMNS,
     SPLIT,
     SPLIT_TEST,
-    SPLIT_TRAIN,
     VIDEO_ID,
 )
 from jungletrap.udfs.features import CONTAINER_FEATURES
@@ -112,9 +112,8 @@ def train_head_fold(
     inputs = load_head_inputs(Path(embed_dir), Path(features_dir))
     catalog = pd.read_parquet(catalog_path, columns=[VIDEO_ID, SPLIT, FOLD, *CLASS_NAMES]).set_index(VIDEO_ID)
     catalog = catalog.reindex(inputs.video_ids)
-    is_train = (catalog[SPLIT] == SPLIT_TRAIN).to_numpy()
-    fit_rows = np.flatnonzero(is_train & (catalog[FOLD] != fold).to_numpy())
-    valid_rows = np.flatnonzero(is_train & (catalog[FOLD] == fold).to_numpy())
+    fit_mask, valid_mask = fold_masks(catalog[SPLIT].to_numpy(), catalog[FOLD].to_numpy(), fold)
+    fit_rows, valid_rows = np.flatnonzero(fit_mask), np.flatnonzero(valid_mask)
     test_rows = np.flatnonzero((catalog[SPLIT] == SPLIT_TEST).to_numpy())
     y = catalog[list(CLASS_NAMES)].to_numpy(np.float32)
     scaler = MetaScaler.fit(inputs.meta.iloc[fit_rows])

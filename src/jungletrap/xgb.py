@@ -25,6 +25,7 @@ import xgboost as xgb
 import xgboost.dask  # noqa: F401  (the dask module must be imported explicitly)
 from distributed import Client
 
+from jungletrap.catalog import fold_masks
 from jungletrap.config import XGBConfig
 from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
 from jungletrap.storage import write_json_atomic
@@ -134,7 +135,7 @@ def train_xgb_folds(
     Y = da.from_array(labels.astype(np.float32), chunks=(matrix.X.chunks[0], labels.shape[1]))
     oof_parts, test_probas, folds_info = [], [], []
     for k in sorted(set(folds[is_train].tolist())):
-        fit, valid = is_train & (folds != k), is_train & (folds == k)
+        fit, valid = fold_masks(split, folds, k)
         margin = prior_margin(labels[fit])
         dtrain = xgb.dask.DaskDMatrix(client, matrix.X[fit], Y[fit], base_margin=_margin(matrix.X[fit], margin))
         dvalid = xgb.dask.DaskDMatrix(client, matrix.X[valid], Y[valid],
