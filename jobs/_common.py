@@ -19,6 +19,7 @@ def run_job(stages: list[str], argv: list[str] | None = None, *, description: st
     parser.add_argument("--scheduler", default=None, help="existing scheduler address, e.g. tcp://host:8786")
     parser.add_argument("--scheduler-file", type=Path, default=None, help="scheduler file of a running cluster")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any video failed")
+    parser.add_argument("--force", action="store_true", help="re-run stages already done")
     args = parser.parse_args(argv)
     return execute(stages, config=args.config, sets=args.sets, run_dir=args.run_dir, scheduler=args.scheduler,
-                   scheduler_file=args.scheduler_file, strict=args.strict)
+                   scheduler_file=args.scheduler_file, strict=args.strict, force=args.force)

@@ -46,3 +46,127 @@ def real_videos_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "real videos"
     shutil.copytree(REAL_VIDEOS, dest)
     return dest
+
+
+class DaskCLICluster:
+    """A cluster started like a real one: ``dask scheduler`` and ``dask worker`` subprocesses on 127.0.0.1.
+
+    Each process runs in its own session and is stopped by process group in :meth:`close`, so no worker
+    outlives the tests. ``tls`` (``ca``, ``cert``, ``key`` paths) starts everything on ``tls://``.
+    """
+
+    def __init__(self, workdir: Path, *, n_workers: int = 2, tls: dict[str, Path] | None = None) -> None:
+        self.workdir = workdir
+        self.n_workers = n_workers
+        self.tls = tls
+        self.scheduler_file = workdir / "scheduler.json"
+        self.address = ""
+        self.procs: list = []  # subprocess.Popen, imported where used (this block only appends to conftest)
+        self._logs: list = []
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--protocol", "tls", "--tls-ca-file", str(self.tls["ca"]), "--tls-cert", str(self.tls["cert"]),
+                "--tls-key", str(self.tls["key"])]
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        import subprocess
+        import sys
+
+        dask = str(Path(sys.executable).parent / "dask")
+        log = (self.workdir / f"{name}.log").open("w")
+        self._logs.append(log)
+        self.procs.append(subprocess.Popen([dask, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                           start_new_session=True))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.workdir.glob("*.log")))
+
+    def security(self) -> object | None:
+        if not self.tls:
+            return None
+        from distributed.security import Security
+
+        return Security(tls_ca_file=str(self.tls["ca"]), tls_client_cert=str(self.tls["cert"]),
+                        tls_client_key=str(self.tls["key"]), require_encryption=True)
+
+    def client(self) -> Client:
+        return Client(self.address, security=self.security(), timeout=30)
+
+    def start(self, timeout_s: float = 120.0) -> DaskCLICluster:
+        import json
+        import time
+
+        self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                                  "127.0.0.1:0", "--scheduler-file", str(self.scheduler_file), *self._tls_args()])
+        deadline = time.monotonic() + timeout_s
+        while not self.scheduler_file.is_file():
+            assert time.monotonic() < deadline, f"dask scheduler did not start:\n{self.logs()}"
+            time.sleep(0.2)
+        time.sleep(0.2)  # the file is written in one go, but give the writer a moment
+        self.address = json.loads(self.scheduler_file.read_text())["address"]
+        for i in range(self.n_workers):
+            self._spawn(f"worker{i}", ["worker", "--scheduler-file", str(self.scheduler_file), "--nworkers", "1",
+                                       "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
+                                       *self._tls_args()])
+        with self.client() as client:
+            try:
+                client.wait_for_workers(self.n_workers, timeout=max(1.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AssertionError(f"dask workers did not register:\n{self.logs()}") from None
+        return self
+
+    def n_registered(self) -> int:
+        with self.client() as client:
+            return len(client.scheduler_info(n_workers=-1)["workers"])
+
+    def close(self) -> None:
+        import contextlib
+        import os
+        import signal
+        import subprocess
+
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+            with contextlib.suppress(ProcessLookupError):  # nanny children left in the group
+                os.killpg(proc.pid, signal.SIGKILL)
+        for log in self._logs:
+            log.close()
+
+
+@pytest.fixture(scope="session")
+def dask_cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCLICluster]:
+    """A ``dask scheduler`` + 2 single-thread ``dask worker`` processes (tcp, 127.0.0.1), shared by the suite."""
+    cluster = DaskCLICluster(tmp_path_factory.mktemp("dask_cli_cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+def write_tiny_config(path: Path, data: Path, *, run_root: Path, name: str = "tiny") -> Path:
+    """A config that runs every stage in seconds on ``tiny_dataset``: tiny_cnn, 2 folds, small models."""
+    import yaml
+
+    cfg = {
+        "run": {"name": name, "root": str(run_root)},
+        "data": {"videos": str(data / "videos"), "labels": str(data / "train_labels.csv"),
+                 "submission_format": str(data / "submission_format.csv"),
+                 "test_labels": str(data / "test_labels.csv")},
+        "cluster": {"kind": "cpu", "n_workers": 2, "threads_per_worker": 1},
+        "catalog": {"videos_per_partition": 16, "n_folds": 2},
+        "embed": {"backbone": "tiny_cnn", "sample_fps": 1.0, "max_seconds": 4.0, "batch_size": 16},
+        "train": {"xgb": {"n_estimators": 20, "max_depth": 2, "early_stopping_rounds": 5},
+                  "head": {"hidden": 8, "max_frames": 4, "epochs": 3, "patience": 2}},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -63,3 +63,28 @@ def test_submission_refuses_missing_predictions(tmp_path: Path) -> None:
     test = pd.DataFrame(np.full((1, 24), 0.1), index=["a.mp4"], columns=list(CLASS_NAMES))
     with pytest.raises(ValueError, match="b.mp4"):
         write_submission(test, tmp_path / "fmt.csv", tmp_path / "submission.csv")
+
+
+def test_stacker_learns_to_trust_the_better_model_and_nested_scores_are_honest() -> None:
+    from jungletrap.blenders import apply_blender, fit_blender, nested_predictions, nested_scores
+
+    y, good, weak = _problem(2)
+    params = fit_blender("stacker", y, [weak, good])
+    coef = np.asarray(params["coef"])
+    assert coef.shape == (24, 2) and (coef[:, 1] > coef[:, 0]).mean() > 0.8
+    fitted = apply_blender(params, [weak, good])
+    folds = np.arange(len(y)) % 5
+    nested = nested_predictions("stacker", y, [weak, good], folds)
+    assert mean_log_loss(y, nested) >= mean_log_loss(y, fitted)  # out-of-fold is never flattered
+    scores = nested_scores(y, [weak, good], folds)
+    assert set(scores) == {"mean", "weights", "stacker"}
+    assert scores["weights"] < scores["mean"]  # the weak model drags the plain mean down
+
+
+def test_stacker_handles_a_class_with_no_positives() -> None:
+    from jungletrap.blenders import apply_blender, fit_blender
+
+    y, good, weak = _problem(3)
+    y[:, 5] = 0
+    out = apply_blender(fit_blender("stacker", y, [weak, good]), [weak, good])
+    assert np.isfinite(out).all() and out[:, 5].max() < 1e-3

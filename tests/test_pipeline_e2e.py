@@ -63,6 +63,16 @@ def test_submission_matches_format_exactly(finished_run: tuple[Path, Path, str],
     assert np.isfinite(values).all() and (values > 0).all() and (values < 1).all()
 
 
+def test_feature_table_has_real_pooled_embeddings(finished_run: tuple[Path, Path, str]) -> None:
+    _, run_dir, _ = finished_run
+    feats = pd.read_parquet(run_dir / "features")
+    ok = feats[feats["status"] == "ok"]
+    pooled = [c for c in feats.columns if c.startswith("emb_")]
+    assert len(pooled) == 2 * 1280 and len(ok) == len(feats)
+    assert np.isfinite(ok[pooled].to_numpy()).all() and ok[pooled].std().mean() > 0
+    assert {"bytes_per_second_rel", "motion_p90"} <= set(feats.columns)
+
+
 def test_blend_beats_the_class_prior_out_of_fold(finished_run: tuple[Path, Path, str]) -> None:
     _, run_dir, _ = finished_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -70,8 +80,11 @@ def test_blend_beats_the_class_prior_out_of_fold(finished_run: tuple[Path, Path,
     assert set(metrics["oof"]) == {"xgb", "head", "blend"}
     blend = metrics["oof"]["blend"]["mean_log_loss"]
     assert blend < prior
-    assert blend <= min(metrics["oof"]["xgb"]["mean_log_loss"], metrics["oof"]["head"]["mean_log_loss"]) + 1e-9
-    assert sum(metrics["weights"].values()) == pytest.approx(1)
+    best_single = min(metrics["oof"]["xgb"]["mean_log_loss"], metrics["oof"]["head"]["mean_log_loss"])
+    if blend > best_single:  # the blend's OOF is nested and may lose on a tiny set: the report must say so
+        assert "is above the best single model" in (run_dir / "report.html").read_text()
+    assert metrics["ensemble"]["method"] in metrics["ensemble"]["nested_oof_log_loss"]
+    assert (run_dir / "models" / "ensemble.json").exists()
     for model in ("xgb", "head"):
         oof = pd.read_parquet(run_dir / "oof" / f"{model}.parquet")
         assert oof["video_id"].is_unique and len(oof) == metrics["oof"][model]["n_videos"]

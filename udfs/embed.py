@@ -37,9 +37,19 @@ from jungletrap.schema import (
 )
 from jungletrap.video import ClipInfo, VideoDecodeError, letterbox_box, read_clip
 
-__all__ = ["EmbedSettings", "EMBED_SCHEMA", "embed_partition", "pixel_stats", "resolve_device"]
+__all__ = [
+    "EMBED_SCHEMA",
+    "EMBED_SCHEMA_VERSION",
+    "EmbedSettings",
+    "embed_partition",
+    "pixel_stats",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
+
+#: Bumped whenever EMBED_SCHEMA changes: parts written under another version are recomputed.
+EMBED_SCHEMA_VERSION = "2"
 
 #: Output schema of :func:`embed_partition` (and of every ``embeddings/<backbone>/part-*.parquet``).
 EMBED_SCHEMA = pa.schema(
@@ -113,13 +123,17 @@ def pixel_stats(frames: np.ndarray, info: ClipInfo, size: int) -> dict[str, floa
         "saturation_mean": float(saturation.mean()),
         "motion_mean": float("nan"),
         "motion_max": float("nan"),
+        "motion_p50": float("nan"),
+        "motion_p90": float("nan"),
         "motion_frac": float("nan"),
     }
-    if len(grey) > 1:
+    if len(grey) > 1:  # one frame has no motion to measure: NaN, not zero
         diff = np.abs(np.diff(grey, axis=0)).mean(axis=(1, 2))
         stats.update(
             motion_mean=float(diff.mean()),
             motion_max=float(diff.max()),
+            motion_p50=float(np.percentile(diff, 50)),
+            motion_p90=float(np.percentile(diff, 90)),
             motion_frac=float((diff > _MOTION_THRESHOLD).mean()),
         )
     return stats

@@ -28,7 +28,7 @@ from jungletrap.schema import (
 
 __all__ = ["FEATURE_SET_VERSION", "CONTAINER_FEATURES", "features_meta", "features_partition", "pooled_names"]
 
-FEATURE_SET_VERSION = "1"
+FEATURE_SET_VERSION = "2"
 
 CONTAINER_FEATURES: tuple[str, ...] = (
     SIZE_BYTES,
@@ -52,6 +52,9 @@ _POOLERS = {
     "min": lambda x: x.min(axis=0),
     "std": lambda x: x.std(axis=0),
     "maxmin": lambda x: x.max(axis=0) - x.min(axis=0),
+    "p10": lambda x: np.percentile(x, 10, axis=0),
+    "p50": lambda x: np.percentile(x, 50, axis=0),
+    "p90": lambda x: np.percentile(x, 90, axis=0),
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``jungletrap`` command line: the pipeline, each stage, the demo data and predict.
+"""The ``jungletrap`` command line: the pipeline, each stage, the demo data, predict, submit/status/cancel.
 
 Every command resolves and validates the config before any work (a bad key exits with status 2 naming it),
 opens the cluster (a local one, or ``--scheduler``/``--scheduler-file``), prints the dashboard link, and calls
@@ -31,6 +31,7 @@ RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run direct
 SchedOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Existing scheduler, e.g. tcp://host:8786.")]
 SchedFileOpt = Annotated[Optional[Path], typer.Option("--scheduler-file", help="Scheduler file of a cluster.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero when any video failed.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run stages already done (embed still keeps whole parts).")]
 
 
 def _setup_logging() -> None:
@@ -48,9 +49,9 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _load(config: Path | None, sets: list[str] | None, run_dir: Path | None) -> tuple[JobConfig, Path]:
-    from jungletrap.pipeline import check_run_dir
-
     cfg = load_config(config, sets or [])
+    from jungletrap.pipeline import check_run_dir  # the whole library (torch, xgboost): only for a valid config
+
     resolved = run_dir if run_dir is not None else cfg.run_dir()
     check_run_dir(resolved)
     return cfg, resolved
@@ -86,6 +87,7 @@ def execute(
     scheduler: str | None,
     scheduler_file: Path | None,
     strict: bool,
+    force: bool = False,
 ) -> int:
     """Validate config, open the cluster, run ``stages``; return the process exit code."""
     _setup_logging()
@@ -102,7 +104,7 @@ def execute(
         with open_client(cfg.cluster, address=scheduler,
                          scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
             typer.echo(f"dask dashboard: {info.dashboard_link} ({info.kind} cluster, {info.n_workers} workers)")
-            results = run_pipeline(StageContext(client, cfg, resolved, info), stages=stages)
+            results = run_pipeline(StageContext(client, cfg, resolved, info), stages=stages, force=force)
     except ClusterError as err:
         typer.echo(f"error: {err}", err=True)
         return 2
@@ -126,6 +128,7 @@ def run(
     scheduler: SchedOpt = None,
     scheduler_file: SchedFileOpt = None,
     strict: StrictOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Run every stage in order (skipping those already done for this config)."""
     if until is not None and until not in STAGES:
@@ -133,7 +136,7 @@ def run(
         raise typer.Exit(2)
     stages = list(STAGES[: STAGES.index(until) + 1]) if until else list(STAGES)
     raise typer.Exit(execute(stages, config=config, sets=set_, run_dir=run_dir, scheduler=scheduler,
-                             scheduler_file=scheduler_file, strict=strict))
+                             scheduler_file=scheduler_file, strict=strict, force=force))
 
 
 def _stage_command(stage: str) -> None:
@@ -144,9 +147,10 @@ def _stage_command(stage: str) -> None:
         scheduler: SchedOpt = None,
         scheduler_file: SchedFileOpt = None,
         strict: StrictOpt = False,
+        force: ForceOpt = False,
     ) -> None:
         raise typer.Exit(execute([stage], config=config, sets=set_, run_dir=run_dir, scheduler=scheduler,
-                                 scheduler_file=scheduler_file, strict=strict))
+                                 scheduler_file=scheduler_file, strict=strict, force=force))
 
     command.__doc__ = f"Run only the {stage} stage (its inputs must exist)."
     app.command(name=stage)(command)
@@ -206,6 +210,97 @@ def predict(
     typer.echo(f"predictions: {out} ({len(frame)} videos, {failed} failed)")
     if failed and strict:
         raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    until: Annotated[Optional[str], typer.Option(help=f"Last stage to run: {', '.join(STAGES)}.")] = None,
+    scheduler: SchedOpt = None,
+    scheduler_file: SchedFileOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Send the pipeline to an existing cluster as one task and return at once (follow it with `status`)."""
+    _setup_logging()
+    if until is not None and until not in STAGES:
+        typer.echo(f"error: --until must be one of {', '.join(STAGES)}, got {until!r}", err=True)
+        raise typer.Exit(2)
+    from jungletrap.submit import absolute_config, submit_run
+
+    try:
+        cfg, resolved = _load(config, sets=set_, run_dir=run_dir)
+    except (ConfigError, NotADirectoryError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if not (scheduler or scheduler_file or cfg.cluster.address or cfg.cluster.scheduler_file):
+        typer.echo("error: submit needs an existing cluster: --scheduler ADDR or --scheduler-file FILE", err=True)
+        raise typer.Exit(2)
+    cfg = absolute_config(cfg, Path.cwd())
+    resolved = resolved if run_dir is not None else cfg.run_dir()
+    stages = list(STAGES[: STAGES.index(until) + 1]) if until else list(STAGES)
+    from jungletrap.cluster import ClusterError, open_client
+
+    try:
+        with open_client(cfg.cluster, address=scheduler,
+                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
+            sub = submit_run(client, cfg, resolved, stages=stages, force=force)
+    except ClusterError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"run id:    {sub.run_id}")
+    typer.echo(f"run dir:   {sub.run_dir}")
+    typer.echo(f"dashboard: {sub.dashboard_link} ({info.n_workers} workers at {sub.scheduler_address})")
+    typer.echo(f"follow:    jungletrap status --run-dir {sub.run_dir}")
+    typer.echo(f"cancel:    jungletrap cancel --scheduler {sub.scheduler_address} --run-id {sub.run_id}")
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="The run directory.")],
+) -> None:
+    """Print a run's progress from its manifest: each stage's status, seconds, failures and counts; events."""
+    from jungletrap.submit import format_status
+
+    if not run_dir.is_dir():
+        typer.echo(f"error: no run directory {run_dir}", err=True)
+        raise typer.Exit(2)
+    typer.echo(format_status(run_dir))
+
+
+@app.command()
+def cancel(
+    run_id: Annotated[str, typer.Option("--run-id", help="The run id printed by submit (its task key).")],
+    scheduler: SchedOpt = None,
+    scheduler_file: SchedFileOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Cancel a submitted run; its manifest then shows the stage in progress as cancelled."""
+    _setup_logging()
+    from jungletrap.cluster import ClusterError, open_client
+    from jungletrap.submit import cancel_run
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if not (scheduler or scheduler_file or cfg.cluster.address or cfg.cluster.scheduler_file):
+        typer.echo("error: cancel needs the cluster: --scheduler ADDR or --scheduler-file FILE", err=True)
+        raise typer.Exit(2)
+    try:
+        with open_client(cfg.cluster, address=scheduler,
+                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, _):
+            state = cancel_run(client, run_id)
+    except ClusterError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if state is None:
+        typer.echo(f"error: the scheduler has no task {run_id} (finished, already cancelled, or unknown)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"cancelled {run_id} (it was {state})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -3,13 +3,17 @@
 Library functions take a :class:`distributed.Client`; only jobs and the CLI call :func:`open_client`.
 ``auto`` picks dask-cuda's ``LocalCUDACluster`` (one worker per GPU) when torch sees a GPU and dask-cuda is
 installed, a plain process-based ``LocalCluster`` otherwise; an address or scheduler file connects to an
-existing cluster (``dask scheduler``/``dask worker``, dask-jobqueue, Kubernetes) and creates nothing.
+existing cluster (``dask scheduler``/``dask worker``, dask-jobqueue, Kubernetes) and creates nothing. A ``tls://``
+scheduler is reached with the config's certificates handed to :class:`distributed.security.Security`
+(encryption required).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +25,9 @@ __all__ = [
     "ClusterError",
     "ClusterInfo",
     "open_client",
+    "cluster_security",
+    "describe_client",
+    "scheduler_address",
     "cuda_available",
     "cluster_has_gpu",
     "gpu_resources",
@@ -42,6 +49,7 @@ class ClusterInfo:
     dashboard_link: str | None
     n_workers: int
     gpu: bool
+    scheduler_address: str | None = None
 
 
 def cuda_available() -> bool:
@@ -86,6 +94,49 @@ def _local_cpu_cluster(cfg: ClusterConfig) -> LocalCluster:
     )
 
 
+def scheduler_address(address: str | None, scheduler_file: str | None) -> str | None:
+    """The scheduler's address: ``address`` itself, else the one a scheduler file records (None: unreadable)."""
+    if address or not scheduler_file:
+        return address
+    try:
+        with open(scheduler_file, encoding="utf-8") as fh:
+            return str(json.load(fh)["address"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cluster_security(cfg: ClusterConfig, address: str | None) -> object | None:
+    """A ``Security`` with the config's certificates for a ``tls://`` scheduler; None for plain TCP.
+
+    With certificates configured, a scheduler address that is not ``tls://`` is refused rather than used
+    unencrypted. Without them, Dask's own configuration (``distributed.comm.tls.*``) applies.
+    """
+    if not cfg.uses_tls():
+        if address is not None and address.startswith("tls://") and not _dask_tls_configured():
+            raise ClusterError(f"the scheduler {address} uses TLS: set cluster.tls_ca_file, cluster.tls_cert_file "
+                               "and cluster.tls_key_file (e.g. --set cluster.tls_ca_file=ca.pem)")
+        return None
+    if address is not None and not address.startswith("tls://"):
+        raise ClusterError(f"cluster.tls_* are set but the scheduler address {address} is not tls://; "
+                           "refusing to connect without encryption (use the scheduler's tls:// address)")
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        path = getattr(cfg, key)
+        if path is not None and not os.path.isfile(path):
+            raise ClusterError(f"cluster.{key}: {path} does not exist")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=cfg.tls_ca_file, tls_client_cert=cfg.tls_cert_file,
+                    tls_client_key=cfg.tls_key_file, require_encryption=True)
+
+
+def _dask_tls_configured() -> bool:
+    """True when Dask's own config (``distributed.comm.tls.*``) names client certificates."""
+    import dask
+
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None)
+                and dask.config.get("distributed.comm.tls.client.cert", None))
+
+
 def _connect(address: str | None, scheduler_file: str | None, security: object | None, timeout_s: float) -> Client:
     try:
         if scheduler_file:
@@ -106,12 +157,15 @@ def open_client(
 ) -> Iterator[tuple[Client, ClusterInfo]]:
     """Yield a client for the configured cluster and close what this call created.
 
-    ``address``/``scheduler_file`` (from the command line) win over the config's own.
+    ``address``/``scheduler_file`` (from the command line) win over the config's own. ``security`` defaults
+    to :func:`cluster_security` of the config (TLS certificates for a ``tls://`` scheduler).
     """
     address = address or cfg.address
     scheduler_file = scheduler_file or cfg.scheduler_file
     cluster: LocalCluster | None = None
     if address or scheduler_file:
+        if security is None:
+            security = cluster_security(cfg, scheduler_address(address, scheduler_file))
         client, kind = _connect(address, scheduler_file, security, cfg.connect_timeout_s), "existing"
     else:
         kind = cfg.kind
@@ -123,7 +177,7 @@ def open_client(
         cluster = _local_cuda_cluster(cfg) if kind == "cuda" else _local_cpu_cluster(cfg)
         client = Client(cluster)
     try:
-        info = _describe(client, kind)
+        info = describe_client(client, kind)
         yield client, info
     finally:
         client.close()
@@ -150,10 +204,11 @@ def gpu_resources(gpu: bool) -> dict[str, float] | None:
     return {"GPU": 1} if gpu else None
 
 
-def _describe(client: Client, kind: str) -> ClusterInfo:
+def describe_client(client: Client, kind: str) -> ClusterInfo:
+    """What ``client`` is connected to (``kind``: ``cpu``, ``cuda`` or ``existing``)."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return ClusterInfo(kind=kind, dashboard_link=client.dashboard_link, n_workers=len(workers),
-                       gpu=cluster_has_gpu(client))
+                       gpu=cluster_has_gpu(client), scheduler_address=client.scheduler.address)
 
 
 def worker_nthreads(default: int = 1) -> int:

@@ -74,12 +74,27 @@ class ClusterConfig(_Section):
     host: str = "127.0.0.1"
     dashboard_address: str = "127.0.0.1:0"
     connect_timeout_s: float = Field(30.0, gt=0)
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     @model_validator(mode="after")
     def _address_given(self) -> ClusterConfig:
         if self.kind == "address" and not (self.address or self.scheduler_file):
             raise ValueError("cluster.kind=address needs cluster.address or cluster.scheduler_file")
         return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ClusterConfig:
+        if (self.tls_ca_file or self.tls_cert_file or self.tls_key_file) and not (
+                self.tls_ca_file and self.tls_cert_file):
+            raise ValueError("TLS needs cluster.tls_ca_file and cluster.tls_cert_file (plus cluster.tls_key_file "
+                             "unless the certificate file also holds the key)")
+        return self
+
+    def uses_tls(self) -> bool:
+        """True when TLS certificates are configured (they are used for ``tls://`` schedulers)."""
+        return bool(self.tls_ca_file and self.tls_cert_file)
 
 
 class CatalogConfig(_Section):
@@ -117,7 +132,10 @@ class EmbedConfig(_Section):
 class FeaturesConfig(_Section):
     """How frame embeddings are pooled over time into one row per video."""
 
-    pooling: list[Literal["mean", "max", "min", "std", "maxmin"]] = Field(default_factory=lambda: ["mean", "max"])
+    pooling: list[Literal["mean", "max", "min", "std", "maxmin", "p10", "p50", "p90"]] = Field(
+        default_factory=lambda: ["mean", "max"], min_length=1)
+    pca_components: int = Field(0, ge=0, le=1024)
+    pca_max_rows: int = Field(20000, ge=10)
 
 
 class XGBConfig(_Section):
@@ -160,7 +178,7 @@ class TrainConfig(_Section):
 class EnsembleConfig(_Section):
     """Blending of the models' predictions; fitted on out-of-fold predictions only."""
 
-    method: Literal["weights", "mean"] = "weights"
+    method: Literal["auto", "mean", "weights", "stacker"] = "auto"
     clip: Literal["auto"] | float = "auto"
 
     @field_validator("clip")

@@ -28,7 +28,7 @@ from jungletrap.cluster import gpu_resources
 from jungletrap.config import EmbedConfig, config_hash
 from jungletrap.schema import PARTITION, PATH, STATUS, STATUS_ERROR, VIDEO_ID
 from jungletrap.storage import remove_stale_temps, write_parquet_atomic
-from jungletrap.udfs.embed import EMBED_SCHEMA, EmbedSettings, embed_partition
+from jungletrap.udfs.embed import EMBED_SCHEMA, EMBED_SCHEMA_VERSION, EmbedSettings, embed_partition
 
 __all__ = ["embed_settings", "embed_catalog", "read_embedding_meta", "part_path", "EmbedCounts"]
 
@@ -56,7 +56,7 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
 def _result_hash(settings: EmbedSettings) -> str:
     """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts)."""
     keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype")
-    return config_hash({k: getattr(settings, k) for k in keys})
+    return config_hash({"schema": EMBED_SCHEMA_VERSION, **{k: getattr(settings, k) for k in keys}})
 
 
 def part_path(out_dir: Path, partition: int) -> Path:
@@ -171,11 +171,20 @@ def embed_catalog(
     ]
     counts = {"partitions": len(sizes), "embedded": 0, "skipped": skipped, "failed": 0}
     start, done = time.monotonic(), 0
-    for fut in as_completed(futures):
-        part = fut.result()
-        done += part["videos"]
-        counts["embedded"] += part["videos"] - part["failed"]
-        counts["failed"] += part["failed"]
-        if progress is not None:
-            progress(done, total, time.monotonic() - start)
+    try:
+        for fut in as_completed(futures):
+            part = fut.result()
+            done += part["videos"]
+            counts["embedded"] += part["videos"] - part["failed"]
+            counts["failed"] += part["failed"]
+            if progress is not None:
+                progress(done, total, time.monotonic() - start)
+    except BaseException:
+        # Ctrl-C, SIGTERM, a cancelled run or a failed partition: stop queued partitions now. Otherwise the
+        # workers go on embedding until the client closes, seconds later, and can finish the whole stage.
+        client.cancel(futures)
+        raise
+    # A worker killed mid-write leaves its temporary file; its task was retried elsewhere, and every task of
+    # this call has finished, so nothing is still writing here: leave the directory clean, not at next start.
+    remove_stale_temps(out_dir)
     return counts

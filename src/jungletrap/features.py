@@ -1,8 +1,10 @@
 """Features stage: embedding parts → ``features/part-NNNNN.parquet``, one row per video, on the cluster.
 
-A Dask DataFrame is built with ``from_map`` (one partition per embedding part, read on the workers), mapped
-through :func:`jungletrap.udfs.features.features_partition` with its declared ``meta``, and written with
-``to_parquet``. The stage is cheap next to embedding, so it is recomputed whole when its inputs change.
+One Dask task per embedding part reads it on a worker, maps it through
+:func:`jungletrap.udfs.features.features_partition` (its output columns are declared by ``features_meta``) and
+writes ``features/part-NNNNN.parquet`` atomically; then the transforms learned from training rows only
+(:mod:`jungletrap.feature_fit`) are fitted on the client from those rows and applied to every part by Dask
+tasks. The stage is cheap next to embedding, so it is recomputed whole when its inputs change.
 """
 
 from __future__ import annotations
@@ -11,21 +13,33 @@ import json
 import logging
 from pathlib import Path
 
-import dask.dataframe as dd
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from distributed import Client
 
 from jungletrap.config import FeaturesConfig
 from jungletrap.embed import read_embedding_meta
-from jungletrap.schema import EMBEDDING
+from jungletrap.feature_fit import RELATIVE_FEATURES, FeatureTransform, apply_feature_transform, fit_feature_transform
+from jungletrap.schema import EMBEDDING, VIDEO_ID
+from jungletrap.storage import write_parquet_atomic
 from jungletrap.udfs.features import FEATURE_SET_VERSION, features_meta, features_partition
 
-__all__ = ["build_features", "read_embedding_part", "embedding_parts", "FEATURES_DIR"]
+__all__ = [
+    "FEATURES_DIR",
+    "FEATURE_TRANSFORM",
+    "build_features",
+    "embedding_parts",
+    "features_part",
+    "read_embedding_part",
+    "transform_part",
+]
 
 log = logging.getLogger(__name__)
 
 FEATURES_DIR = "features"
+FEATURE_TRANSFORM = Path("models") / "features.json"
 
 
 def embedding_parts(embed_dir: Path) -> list[Path]:
@@ -46,27 +60,92 @@ def read_embedding_part(path: str) -> pd.DataFrame:
     return frame
 
 
-def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> dict[str, int]:
-    """Write the feature table for every embedding part; return row counts."""
+def _fit_frame(parts: list[Path], fit_ids: set[str], columns: list[str], sample_ids: set[str] | None
+               ) -> pd.DataFrame:
+    """The training rows' columns needed to fit the transform, read part by part on the client."""
+    frames = []
+    for path in parts:
+        frame = pq.read_table(path, columns=[VIDEO_ID, *columns]).to_pandas()
+        keep = frame[VIDEO_ID].isin(fit_ids if sample_ids is None else sample_ids)
+        frames.append(frame[keep])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _fit_transform(parts: list[Path], fit_ids: set[str], cfg: FeaturesConfig, seed: int) -> FeatureTransform:
+    base = ["width", "height", *RELATIVE_FEATURES.values()]
+    transform = fit_feature_transform(_fit_frame(parts, fit_ids, base, None), pca_columns=[], pca_components=0,
+                                      max_rows=cfg.pca_max_rows, seed=seed)
+    if cfg.pca_components > 0:
+        pooled = [c for c in pq.read_schema(parts[0]).names if c.startswith("emb_") and not c.startswith("emb_pca")]
+        ids = sorted(fit_ids)
+        rng = np.random.default_rng(seed)
+        sample = set(rng.choice(ids, min(len(ids), cfg.pca_max_rows), replace=False).tolist())
+        fitted = fit_feature_transform(_fit_frame(parts, fit_ids, [*base, *pooled], sample), pca_columns=pooled,
+                                       pca_components=cfg.pca_components, max_rows=cfg.pca_max_rows, seed=seed)
+        transform = FeatureTransform(transform.group_medians, fitted.pca_columns, fitted.pca_mean,
+                                     fitted.pca_components)
+    return transform
+
+
+def transform_part(path: str, transform: FeatureTransform) -> int:
+    """Dask task: add the fitted columns to one feature part, rewriting it atomically; return its rows."""
+    table = pq.read_table(path)
+    frame = apply_feature_transform(table.to_pandas(), transform)
+    out = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata)
+    write_parquet_atomic(out, Path(path))
+    return len(frame)
+
+
+def features_part(embed_path: str, out_path: str, *, embed_dim: int, pooling: list[str],
+                  metadata: dict[bytes, bytes]) -> int:
+    """Dask task: one embedding part → one feature part (written atomically); return its rows.
+
+    Plain pandas in the task (not a Dask DataFrame) keeps the per-video embedding arrays as numpy objects:
+    Dask's string conversion of object columns would otherwise turn them into text.
+    """
+    frame = features_partition(read_embedding_part(embed_path), embed_dim=embed_dim, pooling=pooling)
+    declared = list(features_meta(embed_dim, pooling).columns)
+    if list(frame.columns) != declared:
+        raise RuntimeError(f"features UDF returned columns that differ from its declared schema ({embed_path})")
+    table = pa.Table.from_pandas(frame, schema=_schema(frame), preserve_index=False)
+    write_parquet_atomic(table.replace_schema_metadata(metadata), Path(out_path))
+    return len(frame)
+
+
+def _schema(frame: pd.DataFrame) -> pa.Schema:
+    text = {VIDEO_ID, "status", "error"}
+    return pa.schema([pa.field(c, pa.string() if c in text else pa.float32()) for c in frame.columns])
+
+
+def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: FeaturesConfig, *, transform_path: Path,
+                   fit_ids: set[str] | None = None, seed: int = 0) -> dict[str, int]:
+    """Write the feature table for every embedding part; return row counts.
+
+    With ``fit_ids`` (the training clips) the fitted transform is learned from those rows and saved to
+    ``transform_path``; without, the transform saved there by the run is loaded and applied (predict).
+    """
     parts = embedding_parts(embed_dir)
     embed_dim = int(read_embedding_meta(parts[0])["feature_dim"])
-    meta = features_meta(embed_dim, cfg.pooling)
-    embeddings = dd.from_map(read_embedding_part, [str(p) for p in parts], label="read-embeddings",
-                             enforce_metadata=False)
-    feats = embeddings.map_partitions(
-        features_partition, embed_dim=embed_dim, pooling=list(cfg.pooling), meta=meta, enforce_metadata=False
-    )
-    custom = {"jungletrap": json.dumps({"artifact": "features", "feature_set_version": FEATURE_SET_VERSION,
-                                        "embed_dim": embed_dim, "pooling": list(cfg.pooling)})}
-    write = feats.to_parquet(
-        str(out_dir),
-        write_index=False,
-        overwrite=True,
-        name_function=lambda i: f"part-{i:05d}.parquet",
-        custom_metadata=custom,
-        compute=False,
-    )
-    client.compute(write).result()
-    n = sum(pq.read_metadata(p).num_rows for p in sorted(out_dir.glob("part-*.parquet")))
-    log.info("features: %d rows, %d pooled dims x %s", n, embed_dim, list(cfg.pooling))
-    return {"rows": int(n), "columns": len(meta.columns)}
+    custom = {b"jungletrap": json.dumps({"artifact": "features", "feature_set_version": FEATURE_SET_VERSION,
+                                         "embed_dim": embed_dim, "pooling": list(cfg.pooling),
+                                         "pca_components": cfg.pca_components}).encode()}
+    if out_dir.exists():
+        for stale in out_dir.glob("part-*.parquet"):
+            stale.unlink()
+    futures = client.map(features_part, [str(p) for p in parts], [str(out_dir / p.name) for p in parts],
+                         embed_dim=embed_dim, pooling=list(cfg.pooling), metadata=custom,
+                         key=[f"features-{p.stem}" for p in parts], pure=False)
+    client.gather(futures)
+    feature_parts = sorted(out_dir.glob("part-*.parquet"))
+    if fit_ids is not None:
+        transform = _fit_transform(feature_parts, fit_ids, cfg, seed)
+        transform.save(transform_path)
+    else:
+        transform = FeatureTransform.load(transform_path)
+    rows = client.gather(client.map(transform_part, [str(p) for p in feature_parts], transform=transform,
+                                    key=[f"features-transform-{i:05d}" for i in range(len(feature_parts))],
+                                    pure=False))
+    n_columns = len(pq.read_schema(feature_parts[0]).names) if feature_parts else 0
+    log.info("features: %d rows, %d columns (%d pooled dims x %s, %d PCA)", sum(rows), n_columns, embed_dim,
+             list(cfg.pooling), len(transform.pca_components))
+    return {"rows": int(sum(rows)), "columns": n_columns}

@@ -3,40 +3,68 @@
 Each stage reads only the artifacts of earlier stages and writes its own under the run directory. A stage's
 config hash chains the hashes of the stages before it, so changing e.g. the backbone re-runs embed and
 everything after it, while changing only the head re-runs train and ensemble.
+
+Monitoring: every stage that runs writes Dask's performance report (task stream, worker profile, bandwidth) to
+``perf/<stage>.html`` in the run directory, and the embed stage reports done/total videos, rate and ETA (a
+log line per finished partition; a live ``rich`` bar instead when stderr is a terminal). A run can be
+cancelled cooperatively (``StageContext.cancelled``, checked between stages and after each embed partition):
+the manifest then marks the stage ``cancelled``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distributed import Client
+import pandas as pd
+from distributed import Client, performance_report
 
 from jungletrap.catalog import CATALOG_NAME, build_catalog, write_catalog
 from jungletrap.cluster import ClusterInfo
 from jungletrap.config import STAGES, JobConfig, config_hash, save_config
 from jungletrap.embed import embed_catalog
 from jungletrap.ensemble import run_ensemble
-from jungletrap.features import FEATURES_DIR, build_features
+from jungletrap.features import FEATURE_TRANSFORM, FEATURES_DIR, build_features
 from jungletrap.manifest import Manifest
 from jungletrap.report import write_report
+from jungletrap.schema import SPLIT, SPLIT_TRAIN, VIDEO_ID
 from jungletrap.train import embed_dir, run_train
+from jungletrap.udfs.embed import EMBED_SCHEMA_VERSION
+from jungletrap.udfs.features import FEATURE_SET_VERSION
 
-__all__ = ["run_pipeline", "stage_hashes", "check_run_dir", "StageContext", "STAGES"]
+__all__ = ["run_pipeline", "stage_hashes", "check_run_dir", "StageContext", "STAGES", "RunCancelled",
+           "EmbedProgress", "format_progress", "PERF_DIR"]
 
 log = logging.getLogger(__name__)
+
+PERF_DIR = "perf"
+
+
+class RunCancelled(CancelledError):
+    """The run was cancelled (``jungletrap cancel``); the stage in progress is recorded as ``cancelled``."""
 
 
 @dataclass(frozen=True)
 class StageContext:
+    """What every stage gets. ``cancelled``, when given, is polled between stages and embed partitions."""
+
     client: Client
     cfg: JobConfig
     run_dir: Path
     info: ClusterInfo
+    cancelled: Callable[[], bool] | None = None
+
+    def check_cancelled(self, where: str) -> None:
+        """Raise :class:`RunCancelled` when the run has been cancelled."""
+        if self.cancelled is not None and self.cancelled():
+            raise RunCancelled(f"run cancelled ({where})")
 
 
 def _file_stamp(path: str | None) -> list[Any]:
@@ -52,9 +80,10 @@ def stage_hashes(cfg: JobConfig) -> dict[str, str]:
         "catalog": {"data": cfg.data.model_dump(mode="json"), "catalog": cfg.catalog.model_dump(mode="json"),
                     "seed": cfg.run.seed, "labels": _file_stamp(cfg.data.labels),
                     "format": _file_stamp(cfg.data.submission_format)},
-        "embed": {k: v for k, v in cfg.embed.model_dump(mode="json").items()
-                  if k not in ("batch_size", "prefetch_videos", "decode_timeout_s", "retries", "device")},
-        "features": cfg.features.model_dump(mode="json"),
+        "embed": {"schema": EMBED_SCHEMA_VERSION,
+                  **{k: v for k, v in cfg.embed.model_dump(mode="json").items()
+                     if k not in ("batch_size", "prefetch_videos", "decode_timeout_s", "retries", "device")}},
+        "features": {"version": FEATURE_SET_VERSION, **cfg.features.model_dump(mode="json")},
         "train": {"train": cfg.train.model_dump(mode="json"), "seed": cfg.run.seed},
         "ensemble": cfg.ensemble.model_dump(mode="json"),
     }
@@ -71,10 +100,86 @@ def check_run_dir(run_dir: Path) -> None:
         raise NotADirectoryError(f"run directory {run_dir} exists and is not a directory")
 
 
-def _progress(done: int, total: int, seconds: float) -> None:
+def format_progress(done: int, total: int, seconds: float) -> str:
+    """``done/total videos (pct), rate, ETA`` as one line, e.g. ``32/120 videos (27%), 4.10 videos/s, ETA 0:21``."""
     rate = done / seconds if seconds > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    log.info("embed: %d/%d videos, %.2f videos/s, ETA %.0f s", done, total, rate, eta)
+    pct = 100.0 * done / total if total else 100.0
+    if done >= total:
+        eta = "done"
+    elif rate > 0:
+        minutes, secs = divmod(int(round((total - done) / rate)), 60)
+        eta = f"ETA {minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"ETA {minutes}:{secs:02d}"
+    else:
+        eta = "ETA ?"
+    return f"{done}/{total} videos ({pct:.0f}%), {rate:.2f} videos/s, {eta}"
+
+
+class EmbedProgress:
+    """Embed progress: a log line per finished partition, or a live ``rich`` bar when stderr is a terminal.
+
+    Called by :func:`jungletrap.embed.embed_catalog` with (videos done, videos to do, seconds since start).
+    ``check`` runs after every update (it raises to stop the stage, e.g. on cancellation).
+    """
+
+    def __init__(self, *, live: bool | None = None, check: Callable[[], None] | None = None) -> None:
+        self.live = sys.stderr.isatty() if live is None else live
+        self.check = check
+        self.last = ""
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        self.last = format_progress(done, total, seconds)
+        if self.live:
+            self._update_bar(done, total, done / seconds if seconds > 0 else 0.0)
+        else:
+            log.info("embed: %s", self.last)
+        if self.check is not None:
+            self.check()
+
+    def _update_bar(self, done: int, total: int, rate: float) -> None:
+        if self._bar is None:
+            import rich.progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(rp.TextColumn("embed"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                                    rp.TextColumn("videos"), rp.TaskProgressColumn(),
+                                    rp.TextColumn("{task.fields[rate]}"), rp.TimeRemainingColumn(),
+                                    console=Console(stderr=True))
+            self._bar.start()
+            self._task = self._bar.add_task("embed", total=total, rate="")
+        self._bar.update(self._task, completed=done, total=total, rate=f"{rate:.2f} videos/s")
+
+    def close(self) -> None:
+        """Stop the live bar (if any) and log the last state once."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self.live and self.last:
+            log.info("embed: %s", self.last)
+
+
+@contextlib.contextmanager
+def _perf_report(ctx: StageContext, stage: str) -> Iterator[None]:
+    """Write Dask's performance report of the stage to ``perf/<stage>.html``; a report that fails only warns."""
+    path = ctx.run_dir / PERF_DIR / f"{stage}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report: performance_report | None = None
+    with ctx.client.as_current():
+        try:
+            opened = performance_report(filename=str(path))
+            opened.__enter__()
+            report = opened
+        except Exception as err:  # the report is a diagnostic: never fail the stage for it
+            log.warning("%s: no performance report (%s: %s)", stage, type(err).__name__, err)
+        try:
+            yield
+        finally:
+            if report is not None:
+                try:
+                    report.__exit__(None, None, None)
+                except Exception as err:
+                    log.warning("%s: performance report not written (%s: %s)", stage, type(err).__name__, err)
 
 
 def _catalog(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
@@ -88,17 +193,24 @@ def _catalog(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     out = embed_dir(ctx.cfg, ctx.run_dir)
-    counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=_progress,
-                           gpu=ctx.info.gpu)
+    progress = EmbedProgress(check=lambda: ctx.check_cancelled("during embed"))
+    try:
+        counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=progress,
+                               gpu=ctx.info.gpu)
+    finally:
+        progress.close()
     log.info("embed: %d embedded, %d skipped (already done), %d failed", counts["embedded"], counts["skipped"],
              counts["failed"])
     return counts, [str(out.relative_to(ctx.run_dir))]
 
 
 def _features(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
+    catalog = pd.read_parquet(ctx.run_dir / CATALOG_NAME, columns=[VIDEO_ID, SPLIT])
+    train_ids = set(catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, VIDEO_ID])
     counts = build_features(ctx.client, embed_dir(ctx.cfg, ctx.run_dir), ctx.run_dir / FEATURES_DIR,
-                            ctx.cfg.features)
-    return counts, [FEATURES_DIR]
+                            ctx.cfg.features, transform_path=ctx.run_dir / FEATURE_TRANSFORM, fit_ids=train_ids,
+                            seed=ctx.cfg.run.seed)
+    return counts, [FEATURES_DIR, str(FEATURE_TRANSFORM)]
 
 
 def _train(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
@@ -135,13 +247,23 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
             log.info("%s: already done for this config, skipped", stage)
             results[stage] = {**(manifest.stage(stage).counts if manifest.stage(stage) else {}), "stage_skipped": True}
             continue
+        try:
+            ctx.check_cancelled(f"before {stage}")
+        except RunCancelled:
+            manifest.record_event(f"run cancelled before {stage}")
+            raise
         log.info("%s: starting", stage)
         manifest.start(stage, hashes[stage])
         try:
-            counts, outputs = _RUNNERS[stage](ctx)
+            with _perf_report(ctx, stage):
+                counts, outputs = _RUNNERS[stage](ctx)
         except KeyboardInterrupt:
             manifest.finish(stage, status="interrupted", error="interrupted by the user")
             manifest.record_event(f"{stage} interrupted")
+            raise
+        except CancelledError as err:  # RunCancelled, or the stage's own tasks cancelled on the cluster
+            manifest.finish(stage, status="cancelled", error=f"{type(err).__name__}: {err}")
+            manifest.record_event(f"{stage} cancelled")
             raise
         except Exception as err:
             manifest.finish(stage, status="failed", error=f"{type(err).__name__}: {err}")

@@ -20,8 +20,8 @@ from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.cluster import cluster_has_gpu
 from jungletrap.config import JobConfig, config_hash, load_config
 from jungletrap.embed import embed_catalog
-from jungletrap.ensemble import blend
-from jungletrap.features import build_features
+from jungletrap.ensemble import ENSEMBLE_MODEL, blend_frames
+from jungletrap.features import FEATURE_TRANSFORM, build_features
 from jungletrap.schema import (
     CLASS_NAMES,
     ERROR,
@@ -70,7 +70,7 @@ def predict_videos(
     proba_threshold: float | None = None,
 ) -> pd.DataFrame:
     """Embed, featurise and score ``videos`` with the models of ``run_dir``; optionally write a CSV."""
-    run_dir, videos = Path(run_dir), Path(videos)
+    run_dir, videos = Path(run_dir), Path(videos).expanduser().absolute()  # workers get absolute paths
     cfg: JobConfig = load_config(run_dir / "config.yaml")
     paths = list_videos(videos, cfg.catalog.extensions)
     if not paths:
@@ -84,13 +84,13 @@ def predict_videos(
     write_catalog(catalog, work / "catalog.parquet")
     embed_dir = work / "embeddings"
     embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed, gpu=cluster_has_gpu(client))
-    build_features(client, embed_dir, work / "features", cfg.features)
+    build_features(client, embed_dir, work / "features", cfg.features, transform_path=run_dir / FEATURE_TRANSFORM)
     index = pd.Index(catalog[VIDEO_ID])
     per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
                  "head": lambda: _head_proba(run_dir, embed_dir, work / "features", index)}
-    ensemble = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    proba = blend([per_model[m]() for m in cfg.train.models], [ensemble["weights"][m] for m in cfg.train.models])
-    clip = float(ensemble["clip"])
+    blender = json.loads((run_dir / ENSEMBLE_MODEL).read_text(encoding="utf-8"))
+    proba = blend_frames(blender, [per_model[m]() for m in blender["models"]])
+    clip = float(blender["clip"])
     proba = proba.clip(clip, 1 - clip)
     status = pd.read_parquet(work / "features", columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
     result = _result(catalog, proba, status, proba_threshold)

@@ -101,6 +101,10 @@ def oof_predictions(run_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.Data
     preds = {m: read_predictions(prediction_path(run_dir, "oof", m)) for m in models}
     index = preds[models[0]].index
     preds = {m: p.loc[index, list(CLASS_NAMES)] for m, p in preds.items()}
+    saved = prediction_path(run_dir, "oof", BLEND)
+    if saved.exists():  # written by the ensemble stage whatever its method
+        preds[BLEND] = read_predictions(saved).loc[index, list(CLASS_NAMES)]
+        return preds
     weights = _weights(metrics)
     clip = float(metrics.get("clip", 0.0))
     preds[BLEND] = blend(list(preds.values()), np.array([weights[m] for m in models])).clip(clip, 1 - clip)
@@ -129,12 +133,24 @@ def failed_videos(embed_dir: Path) -> pd.DataFrame:
 def _summary(metrics: dict[str, Any], n_failed: int, n_train: int) -> str:
     blend_ll, prior = metrics["oof"][BLEND]["mean_log_loss"], metrics["prior_baseline_oof"]["mean_log_loss"]
     gain = f" ({1 - blend_ll / prior:.1%} lower)" if prior > 0 else ""
+    ensemble = metrics.get("ensemble", {})
+    method = ensemble.get("method", "weights" if metrics.get("weights") else "mean")
     if metrics.get("weights"):
         weights = ", ".join(f"{m} {w:.3f}" for m, w in _weights(metrics).items())
+    elif method == "stacker":
+        weights = "per-class logistic regression on the models' logits (models/ensemble.json)"
     else:
         weights = "equal (plain mean; this run did not record weights)"
-    items = [f"Probability clip: {metrics.get('clip', 0.0):g} (chosen on out-of-fold predictions)",
+    nested = ", ".join(f"{m} {v:.5f}" for m, v in ensemble.get("nested_oof_log_loss", {}).items())
+    items = [f"Blend method: {method}" + (f" (nested out-of-fold log loss: {nested})" if nested else ""),
+             f"Probability clip: {metrics.get('clip', 0.0):g} (chosen on out-of-fold predictions)",
              f"Blend weights: {weights}", f"Failed videos: {n_failed}"]
+    singles = {m: v["mean_log_loss"] for m, v in metrics["oof"].items() if m != BLEND}
+    best = min(singles, key=lambda m: singles[m]) if singles else None
+    if best is not None and blend_ll > singles[best]:
+        items.append(f"Note: the blend's nested out-of-fold loss {blend_ll:.5f} is above the best single model's "
+                     f"({best}, {singles[best]:.5f}): its blender is fitted without the fold it predicts, which "
+                     "costs more than the models disagree on this data; prefer train.models=[" + best + "].")
     lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
     return (f"<p>Blend out-of-fold mean log loss <b>{blend_ll:.5f}</b> versus <b>{prior:.5f}</b> for the "
             f"class-prior baseline{html.escape(gain)}, over {n_train} training clips.</p><ul>{lis}</ul>")

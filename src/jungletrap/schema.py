@@ -92,5 +92,7 @@ PIXEL_COLUMNS: tuple[str, ...] = (
     "saturation_mean",
     "motion_mean",
     "motion_max",
+    "motion_p50",
+    "motion_p90",
     "motion_frac",
 )

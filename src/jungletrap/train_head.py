@@ -21,6 +21,7 @@ from jungletrap.catalog import fold_masks
 from jungletrap.cluster import worker_nthreads
 from jungletrap.config import HeadConfig
 from jungletrap.embed import read_embedding_meta
+from jungletrap.feature_fit import RELATIVE_FEATURES
 from jungletrap.features import embedding_parts, read_embedding_part
 from jungletrap.head import HeadData, build_head, fit_head, pad_frames, predict_head
 from jungletrap.schema import (
@@ -38,9 +39,9 @@ __all__ = ["HeadInputs", "load_head_inputs", "MetaScaler", "train_head_fold", "p
 
 log = logging.getLogger(__name__)
 
-META_FEATURES: tuple[str, ...] = (*CONTAINER_FEATURES, *PIXEL_COLUMNS)
+META_FEATURES: tuple[str, ...] = (*CONTAINER_FEATURES, *PIXEL_COLUMNS, *RELATIVE_FEATURES)
 _LOG_COLUMNS = ("size_bytes", "bit_rate", "bytes_per_second", "bytes_per_pixel", "declared_frames",
-                "decoded_frames", "width", "height")
+                "decoded_frames", "width", "height", *RELATIVE_FEATURES)
 
 
 @dataclass

@@ -299,9 +299,18 @@ def _container_info(container: av.container.InputContainer, stream: av.VideoStre
 
 
 def _video_stream(container: av.container.InputContainer, name: str) -> av.VideoStream:
+    if _is_still_image(container):
+        raise VideoDecodeError(f"{name}: a still image ({container.format.long_name}), not a video")
     if not container.streams.video:
         raise VideoDecodeError(f"{name}: no video stream in the container")
     return container.streams.video[0]
+
+
+def _is_still_image(container: av.container.InputContainer) -> bool:
+    """FFmpeg opens a picture (a JPEG renamed ``.avi``) as a one-frame stream with an image demuxer: ``image2``
+    or one of the ``*_pipe`` family (jpeg_pipe, png_pipe, ...). It is not a clip, so it must be an error row."""
+    names = container.format.name.split(",")
+    return any(n in ("image2", "image2pipe") or n.endswith("_pipe") for n in names)
 
 
 def _source_name(source: Source) -> str:

@@ -32,7 +32,15 @@ from jungletrap.storage import write_json_atomic
 
 XGBResult = dict[str, Any]
 
-__all__ = ["FeatureMatrix", "load_feature_matrix", "xgb_params", "train_xgb_folds", "predict_xgb_models"]
+__all__ = [
+    "FeatureMatrix",
+    "load_feature_matrix",
+    "predict_xgb_models",
+    "spread",
+    "take_rows",
+    "train_xgb_folds",
+    "xgb_params",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,9 @@ def load_feature_matrix(client: Client, features_dir: Path, *, features: list[st
     ids = [pq.read_table(p, columns=[VIDEO_ID]).column(0).to_pylist() for p in parts]
     blocks = [da.from_delayed(dask.delayed(_read_part_matrix)(str(p), features), shape=(len(i), len(features)),
                               dtype=np.float32) for p, i in zip(parts, ids, strict=True) if i]
-    X = client.persist(da.concatenate(blocks))
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    # Spread the parts over the workers round-robin: every worker gets rows to train on.
+    X = da.concatenate([client.persist(b, workers=[workers[i % len(workers)]]) for i, b in enumerate(blocks)])
     return FeatureMatrix(X=X, video_ids=np.array([v for i in ids for v in i], dtype=object), features=features)
 
 
@@ -105,6 +115,36 @@ def prior_margin(labels: np.ndarray) -> np.ndarray:
     return np.log(rate / (1 - rate)).astype(np.float32)
 
 
+def take_rows(X: da.Array, mask: np.ndarray) -> da.Array:
+    """Rows of ``X`` under a boolean mask, leaving out chunks that would be empty.
+
+    ``xgboost.dask`` trains on the workers that hold partitions; a worker holding only empty ones cannot infer
+    the 24 outputs and the multi-target model fails (``base_score`` length mismatch), so none are passed.
+    """
+    blocks, start = [], 0
+    for i, n in enumerate(X.chunks[0]):
+        part = mask[start : start + n]
+        start += n
+        if part.all():
+            blocks.append(X.blocks[i])
+        elif part.any():
+            blocks.append(X.blocks[i][part])
+    return da.concatenate(blocks) if blocks else X[:0]
+
+
+def spread(client: Client, X: da.Array, workers: list[str]) -> da.Array:
+    """Re-chunk rows into one block per worker and pin block i to worker i (persisted there).
+
+    ``xgboost.dask`` trains on every worker that holds a partition of the training *or* evaluation data; a
+    worker holding evaluation rows but no training rows cannot infer the 24 outputs and the multi-target model
+    fails. Giving every worker a block of each matrix (same sizes for X, labels and margins) rules that out.
+    """
+    n = max(1, min(len(workers), X.shape[0]))
+    X = X.rechunk({0: -(-X.shape[0] // n) if X.shape[0] else -1})
+    return da.concatenate([client.persist(X.blocks[i], workers=[workers[i % len(workers)]])
+                           for i in range(X.numblocks[0])])
+
+
 def _margin(X: da.Array, margin: np.ndarray) -> da.Array:
     full = np.broadcast_to(margin, (X.shape[0], len(margin))).astype(np.float32)
     return da.from_array(full, chunks=(X.chunks[0], len(margin)))
@@ -133,22 +173,25 @@ def train_xgb_folds(
     models_dir.mkdir(parents=True, exist_ok=True)
     is_train, is_test = split == SPLIT_TRAIN, split == SPLIT_TEST
     Y = da.from_array(labels.astype(np.float32), chunks=(matrix.X.chunks[0], labels.shape[1]))
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     oof_parts, test_probas, folds_info = [], [], []
     for k in sorted(set(folds[is_train].tolist())):
         fit, valid = fold_masks(split, folds, k)
         margin = prior_margin(labels[fit])
-        dtrain = xgb.dask.DaskDMatrix(client, matrix.X[fit], Y[fit], base_margin=_margin(matrix.X[fit], margin))
-        dvalid = xgb.dask.DaskDMatrix(client, matrix.X[valid], Y[valid],
-                                      base_margin=_margin(matrix.X[valid], margin))
+        x_fit, y_fit, m_fit = (spread(client, a, workers) for a in (take_rows(matrix.X, fit), take_rows(Y, fit),
+                                                                     _margin(take_rows(matrix.X, fit), margin)))
+        x_valid, y_valid, m_valid = (spread(client, a, workers) for a in (
+            take_rows(matrix.X, valid), take_rows(Y, valid), _margin(take_rows(matrix.X, valid), margin)))
+        dtrain = xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=m_fit)
+        dvalid = xgb.dask.DaskDMatrix(client, x_valid, y_valid, base_margin=m_valid)
         out = xgb.dask.train(client, xgb_params(cfg, seed=seed + k, gpu=gpu), dtrain,
                              num_boost_round=cfg.n_estimators, evals=[(dvalid, "valid")],
                              early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
         booster: xgb.Booster = out["booster"]
         n_rounds = int(booster.best_iteration) + 1
         booster.save_model(models_dir / f"fold{k}.ubj")
-        oof_parts.append(_frame(matrix.video_ids[valid],
-                                _predict(client, booster, matrix.X[valid], margin, n_rounds)))
-        test_probas.append(_predict(client, booster, matrix.X[is_test], margin, n_rounds))
+        oof_parts.append(_frame(matrix.video_ids[valid], _predict(client, booster, x_valid, margin, n_rounds)))
+        test_probas.append(_predict(client, booster, take_rows(matrix.X, is_test), margin, n_rounds))
         curve = [float(v) for v in out["history"]["valid"]["logloss"]]
         folds_info.append({"fold": int(k), "best_iteration": n_rounds, "valid_logloss": curve[n_rounds - 1],
                            "valid_curve": curve, "margin": margin.tolist()})

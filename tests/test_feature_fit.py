@@ -1,0 +1,67 @@
+"""Fitted feature transforms: learned from training rows only, applied unchanged to every row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jungletrap.feature_fit import FeatureTransform, apply_feature_transform, fit_feature_transform
+
+
+def _table(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    width = rng.choice([640, 1280], n)
+    frame = pd.DataFrame({"width": width, "height": width * 9 // 16})
+    frame["size_bytes"] = rng.uniform(1e5, 1e6, n) * (width / 640) ** 2
+    frame["bytes_per_second"] = frame["size_bytes"] / 10
+    frame["bytes_per_pixel"] = frame["size_bytes"] / (frame["width"] * frame["height"] * 100)
+    for d in range(12):
+        frame[f"emb_mean_{d:04d}"] = rng.normal(d % 3, 1, n)
+    return frame
+
+
+POOLED = [f"emb_mean_{d:04d}" for d in range(12)]
+
+
+def _fit(train: pd.DataFrame) -> FeatureTransform:
+    return fit_feature_transform(train, pca_columns=POOLED, pca_components=4, max_rows=1000, seed=0)
+
+
+def test_fit_uses_training_rows_only() -> None:
+    table = _table(200, 0)
+    is_train = np.arange(200) < 150
+    before = _fit(table[is_train])
+    changed = table.copy()
+    changed.loc[~is_train, POOLED] = 1e6  # wild test rows
+    changed.loc[~is_train, "size_bytes"] = 1.0
+    after = _fit(changed[is_train])
+    assert before == after
+    assert _fit(changed) != before  # (fitting on every row would have moved it)
+
+
+def test_relative_features_divide_by_the_resolution_groups_training_median() -> None:
+    train = _table(100, 1)
+    transform = _fit(train)
+    out = apply_feature_transform(train, transform)
+    for width in (640, 1280):
+        rows = out[out["width"] == width]
+        assert rows["bytes_per_second_rel"].median() == pytest.approx(1.0, rel=1e-5)
+    unseen = _table(3, 2).assign(width=320, height=180)
+    rel = apply_feature_transform(unseen, transform)["size_bytes_rel"]
+    assert np.isfinite(rel).all()  # an unseen resolution falls back to the global training median
+
+
+def test_pca_columns_and_nan_rows(tmp_path: Path) -> None:
+    train = _table(120, 3)
+    transform = _fit(train)
+    rows = _table(5, 4)
+    rows.loc[2, POOLED] = np.nan  # an error row
+    out = apply_feature_transform(rows, transform)
+    pca = [f"emb_pca_{k:03d}" for k in range(4)]
+    assert all(c in out for c in pca)
+    assert out.loc[2, pca].isna().all() and out.drop(index=2)[pca].notna().all(axis=None)
+    transform.save(tmp_path / "t.json")
+    assert FeatureTransform.load(tmp_path / "t.json") == transform
