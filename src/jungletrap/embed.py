@@ -27,7 +27,7 @@ from jungletrap.backbones import get_spec
 from jungletrap.cluster import gpu_resources
 from jungletrap.config import EmbedConfig, config_hash
 from jungletrap.schema import PARTITION, PATH, STATUS, STATUS_ERROR, VIDEO_ID
-from jungletrap.storage import remove_stale_temps, write_parquet_atomic
+from jungletrap.storage import path_token, remove_stale_temps, write_parquet_atomic
 from jungletrap.udfs.embed import EMBED_SCHEMA, EMBED_SCHEMA_VERSION, EmbedSettings, embed_partition
 
 __all__ = ["embed_settings", "embed_catalog", "read_embedding_meta", "part_path", "EmbedCounts"]
@@ -162,7 +162,7 @@ def embed_catalog(
             p,
             str(part_path(out_dir, p)),
             settings,
-            key=f"embed-{p:05d}-{result_hash[:8]}",
+            key=f"embed-{p:05d}-{result_hash[:8]}-{path_token(out_dir)}",
             retries=cfg.retries,
             pure=False,
             resources=gpu_resources(gpu),

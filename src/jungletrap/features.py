@@ -23,7 +23,7 @@ from jungletrap.config import FeaturesConfig
 from jungletrap.embed import read_embedding_meta
 from jungletrap.feature_fit import RELATIVE_FEATURES, FeatureTransform, apply_feature_transform, fit_feature_transform
 from jungletrap.schema import EMBEDDING, VIDEO_ID
-from jungletrap.storage import write_parquet_atomic
+from jungletrap.storage import path_token, write_parquet_atomic
 from jungletrap.udfs.features import FEATURE_SET_VERSION, features_meta, features_partition
 
 __all__ = [
@@ -134,7 +134,7 @@ def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: Features
             stale.unlink()
     futures = client.map(features_part, [str(p) for p in parts], [str(out_dir / p.name) for p in parts],
                          embed_dim=embed_dim, pooling=list(cfg.pooling), metadata=custom,
-                         key=[f"features-{p.stem}" for p in parts], pure=False)
+                         key=[f"features-{p.stem}-{path_token(out_dir)}" for p in parts], pure=False)
     client.gather(futures)
     feature_parts = sorted(out_dir.glob("part-*.parquet"))
     if fit_ids is not None:
@@ -142,9 +142,9 @@ def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: Features
         transform.save(transform_path)
     else:
         transform = FeatureTransform.load(transform_path)
+    token = path_token(out_dir)
     rows = client.gather(client.map(transform_part, [str(p) for p in feature_parts], transform=transform,
-                                    key=[f"features-transform-{i:05d}" for i in range(len(feature_parts))],
-                                    pure=False))
+                                    key=[f"features-transform-{p.stem}-{token}" for p in feature_parts], pure=False))
     n_columns = len(pq.read_schema(feature_parts[0]).names) if feature_parts else 0
     log.info("features: %d rows, %d columns (%d pooled dims x %s, %d PCA)", sum(rows), n_columns, embed_dim,
              list(cfg.pooling), len(transform.pca_components))

@@ -21,19 +21,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.image
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # figures without pyplot: no global backend switch (notebooks keep theirs)
+from sklearn.calibration import calibration_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-
-from jungletrap.catalog import CATALOG_NAME  # noqa: E402
-from jungletrap.config import ConfigError, EmbedConfig, load_config  # noqa: E402
-from jungletrap.ensemble import blend  # noqa: E402
-from jungletrap.manifest import Manifest  # noqa: E402
-from jungletrap.schema import (  # noqa: E402
+from jungletrap.catalog import CATALOG_NAME
+from jungletrap.config import ConfigError, EmbedConfig, load_config
+from jungletrap.ensemble import blend
+from jungletrap.manifest import Manifest
+from jungletrap.schema import (
     CLASS_NAMES,
     ERROR,
     PATH,
@@ -43,9 +42,9 @@ from jungletrap.schema import (  # noqa: E402
     STATUS_ERROR,
     VIDEO_ID,
 )
-from jungletrap.storage import write_text_atomic  # noqa: E402
-from jungletrap.train import prediction_path, read_predictions  # noqa: E402
-from jungletrap.video import read_clip  # noqa: E402
+from jungletrap.storage import write_text_atomic
+from jungletrap.train import prediction_path, read_predictions
+from jungletrap.video import read_clip
 
 __all__ = ["write_report", "failed_videos", "oof_predictions", "main_classes", "BLEND"]
 
@@ -68,10 +67,9 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _png(fig: plt.Figure, alt: str = "chart") -> str:
+def _png(fig: Figure, alt: str = "chart") -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return _img(buf.getvalue(), alt)
 
 
@@ -183,8 +181,9 @@ def _scores(metrics: dict[str, Any]) -> str:
     return out
 
 
-def _per_class_bars(frame: pd.DataFrame, ylabel: str, title: str) -> tuple[plt.Figure, plt.Axes]:
-    fig, ax = plt.subplots(figsize=(11, 4))
+def _per_class_bars(frame: pd.DataFrame, ylabel: str, title: str) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots()
     frame.loc[list(CLASS_NAMES)].astype(float).plot.bar(ax=ax, width=0.8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -212,7 +211,8 @@ def _calibration(truth: pd.DataFrame, preds: dict[str, pd.DataFrame]) -> str:
         return "<p>No class has both positive and negative training clips.</p>"
     cols = min(3, len(classes))
     rows = math.ceil(len(classes) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.7 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, cls in zip(axes.flat, classes, strict=False):
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
         for name, pred in preds.items():
@@ -233,7 +233,8 @@ def _calibration(truth: pd.DataFrame, preds: dict[str, pd.DataFrame]) -> str:
 def _prevalence(truth: pd.DataFrame) -> str:
     counts = truth[list(CLASS_NAMES)].sum().astype(int).sort_values(kind="stable")
     main = set(main_classes(truth))
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    fig = Figure(figsize=(8, 6.5))
+    ax = fig.subplots()
     ax.barh(counts.index, counts.to_numpy(), color=["#d9822b" if c in main else "#4c72b0" for c in counts.index])
     for y, v in enumerate(counts.to_numpy()):
         ax.text(v, y, f" {v}", va="center", fontsize=8)
@@ -262,7 +263,7 @@ def _frame_strip(path: str, embed: EmbedConfig) -> bytes:
     gap = np.full((CONTACT_SIZE, 4, 3), 255, np.uint8)
     strip = np.concatenate([x for i in keep for x in (frames[i], gap)][:-1], axis=1)
     buf = io.BytesIO()
-    plt.imsave(buf, strip, format="png")
+    matplotlib.image.imsave(buf, strip, format="png")
     return buf.getvalue()
 
 

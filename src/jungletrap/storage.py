@@ -15,7 +15,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["write_parquet_atomic", "write_json_atomic", "write_text_atomic", "remove_stale_temps", "TMP_MARK"]
+__all__ = [
+    "TMP_MARK",
+    "path_token",
+    "remove_stale_temps",
+    "write_json_atomic",
+    "write_parquet_atomic",
+    "write_text_atomic",
+]
 
 TMP_MARK = ".tmp-"
 
@@ -47,6 +54,17 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def write_json_atomic(data: Any, path: Path) -> None:
     write_text_atomic(json.dumps(data, indent=2, sort_keys=True, default=str), path)
+
+
+def path_token(path: Path) -> str:
+    """A short id of an output location, put in task keys so two runs on one cluster never share a key.
+
+    Dask treats tasks with the same key as the same task: a second run would receive the first run's result
+    and never write its own file.
+    """
+    import hashlib
+
+    return hashlib.sha256(str(Path(path).absolute()).encode()).hexdigest()[:6]
 
 
 def remove_stale_temps(directory: Path) -> int:

@@ -22,7 +22,7 @@ from jungletrap.config import JobConfig
 from jungletrap.features import FEATURES_DIR
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
-from jungletrap.storage import write_json_atomic, write_parquet_atomic
+from jungletrap.storage import path_token, write_json_atomic, write_parquet_atomic
 from jungletrap.train_head import train_head_fold
 from jungletrap.xgb import load_feature_matrix, train_xgb_folds
 
@@ -76,7 +76,7 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: Path, gpu: bool) -> dic
             cfg.train.head,
             cfg.run.seed,
             "cuda" if gpu else "cpu",
-            key=f"head-fold{k}",
+            key=f"head-fold{k}-{path_token(run_dir)}",
             pure=False,
             resources=gpu_resources(gpu),
         )
