@@ -34,6 +34,16 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero when an
 ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run stages already done (embed still keeps whole parts).")]
 
 
+class _DropInterruptedSyncNoise(logging.Filter):
+    """Drop one known false alarm: when Ctrl-C/SIGTERM interrupts a wait, distributed's ``sync()`` runs its own
+    ``cancel`` callback, which fails with a NameError inside distributed and tornado logs that traceback.
+    The interruption itself is handled (exit 130, manifest updated); the traceback would only alarm users.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sync.<locals>.cancel" not in record.getMessage()
+
+
 def _setup_logging() -> None:
     """Our INFO lines on stderr; Dask's own chatter only from WARNING (it sets its levels when imported)."""
     import distributed  # noqa: F401  (import first so that its logging config does not override ours)
@@ -42,6 +52,7 @@ def _setup_logging() -> None:
                         stream=sys.stderr, force=True)
     for noisy in ("distributed", "bokeh", "tornado", "matplotlib", "xgboost"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("tornado.application").addFilter(_DropInterruptedSyncNoise())
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
