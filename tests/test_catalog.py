@@ -77,3 +77,82 @@ def test_fold_masks_never_let_a_model_see_its_validation_rows() -> None:
         assert (folds[valid] == k).all() and (folds[fit] != k).all()
         covered += valid
     assert covered[:6].tolist() == [1] * 6  # every training row is validated exactly once
+
+
+def _sizes_parts(parts: np.ndarray, sizes: list[int]) -> list[int]:
+    return [int(np.maximum(np.asarray(sizes)[parts == p], 0).sum()) for p in np.unique(parts)]
+
+
+def test_partitions_balanced_by_bytes_bounded_by_count_and_contiguous() -> None:
+    from jungletrap.catalog import assign_partitions
+
+    mib = 2**20
+    sizes = [100 * mib, 100 * mib, 100 * mib, 600 * mib, 10 * mib, -1, 10 * mib, 10 * mib, 10 * mib, 10 * mib]
+    parts = assign_partitions(np.array(sizes), videos_per_partition=3, partition_bytes=256 * mib)
+    assert parts.tolist() == [0, 0, 1, 2, 3, 3, 3, 4, 4, 4]  # bytes close 0 and 1, the big clip alone, count 3
+    assert (np.diff(parts) >= 0).all() and set(np.diff(parts).tolist()) <= {0, 1}
+    assert max(_sizes_parts(parts[parts != 2], [s for s, p in zip(sizes, parts, strict=True) if p != 2])) <= 256 * mib
+    for off in (0, None):
+        by_count = assign_partitions(np.array(sizes), videos_per_partition=4, partition_bytes=off)
+        assert by_count.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    again = assign_partitions(np.array(sizes), videos_per_partition=3, partition_bytes=256 * mib)
+    assert np.array_equal(parts, again)
+
+
+def _write_csvs(root: Path, train: list[str], test: list[str]) -> DataConfig:
+    rng = np.random.default_rng(0)
+    for name, files in (("train_labels.csv", train), ("submission_format.csv", test)):
+        frame = pd.DataFrame(rng.integers(0, 2, (len(files), len(CLASS_NAMES))), columns=list(CLASS_NAMES))
+        frame.insert(0, FILENAME, files)
+        frame.to_csv(root / name, index=False)
+    return DataConfig(videos=str(root / "clips"), labels=str(root / "train_labels.csv"),
+                      submission_format=str(root / "submission_format.csv"))
+
+
+def test_nested_layout_resolves_filenames_and_keeps_missing_rows(tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    for rel, size in {"a.mp4": 10, "part 1/b c.mp4": 20, "part 2/deep/d.mp4": 30, "x/dup.mp4": 1, "y/dup.mp4": 2,
+                      "part 1/e.mp4": 40}.items():
+        (clips / rel).parent.mkdir(parents=True, exist_ok=True)
+        (clips / rel).write_bytes(b"v" * size)
+    train = ["a.mp4", "b c.mp4", "d.mp4", "dup.mp4", "gone.mp4"]
+    test = ["part 1/e.mp4", "part 2/e.mp4"]
+    catalog = build_catalog(_write_csvs(tmp_path, train, test), CatalogConfig(n_folds=2), seed=0).set_index(FILENAME)
+    assert list(catalog.index) == train + test
+    assert catalog.loc["b c.mp4", "path"] == str(clips / "part 1" / "b c.mp4")
+    assert catalog.loc["d.mp4", "size_bytes"] == 30 and catalog.loc["part 1/e.mp4", "size_bytes"] == 40
+    for missing in ("gone.mp4", "dup.mp4", "part 2/e.mp4"):  # absent, ambiguous, or wrong folder: error rows later
+        assert catalog.loc[missing, "size_bytes"] == -1
+        assert catalog.loc[missing, "path"] == str(clips / missing)
+
+
+def test_catalog_lists_the_videos_root_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    names = [f"c{i:03d}.mp4" for i in range(40)]
+    for name in names:
+        (clips / name).write_bytes(b"v")
+    calls: list[str] = []
+    real_find = LocalFileSystem.find
+
+    def find(self: LocalFileSystem, path: str, **kwargs: object) -> object:
+        calls.append(path)
+        return real_find(self, path, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "find", find)
+    catalog = build_catalog(_write_csvs(tmp_path, names[:30], names[30:]), CatalogConfig(n_folds=2), seed=0)
+    assert calls == [str(clips)] and (catalog["size_bytes"] == 1).all()  # sizes from the one listing
+
+
+def test_micro_variant_is_selected_by_config(tmp_path: Path) -> None:
+    for variant, size in (("full", 1000), ("micro", 10)):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "a.mp4").write_bytes(b"v" * size)
+        (tmp_path / variant / "b.mp4").write_bytes(b"v" * size)
+    data = _write_csvs(tmp_path, ["a.mp4", "b.mp4"], []).model_copy(update={"videos": str(tmp_path / "{variant}")})
+    full = build_catalog(data, CatalogConfig(n_folds=2), seed=0)
+    micro = build_catalog(data.model_copy(update={"variant": "micro"}), CatalogConfig(n_folds=2), seed=0)
+    assert full["size_bytes"].tolist() == [1000, 1000] and micro["size_bytes"].tolist() == [10, 10]
+    assert micro["path"].iloc[0] == str(tmp_path / "micro" / "a.mp4")

@@ -85,3 +85,42 @@ def test_config_hash_changes_with_values() -> None:
     a, b = JobConfig(), load_config(None, ["embed.sample_fps=1"])
     assert config_hash(a.embed) != config_hash(b.embed)
     assert config_hash(a.embed) == config_hash(JobConfig().embed)
+
+
+def test_storage_options_never_saved_or_hashed_with_secrets(tmp_path: Path) -> None:
+    from jungletrap.config import save_config
+    from jungletrap.pipeline import stage_hashes
+
+    secret = {"endpoint_url": "http://127.0.0.1:9000", "key": "AKIAEXAMPLE", "secret": "s3cr3t-value",
+              "token": "tok-value", "profile": "lab", "client_kwargs": {"region_name": "eu-west-1",
+                                                                       "aws_secret_access_key": "nested-secret"},
+              "unknown_option": "maybe-a-secret"}
+    cfg = load_config(CONF / "demo.yaml").model_copy(deep=True)
+    cfg.data.storage_options = dict(secret)
+    cfg.run.storage_options = dict(secret)
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    for value in ("AKIAEXAMPLE", "s3cr3t-value", "tok-value", "nested-secret", "maybe-a-secret"):
+        assert value not in text
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.data.storage_options == {"endpoint_url": "http://127.0.0.1:9000", "profile": "lab",
+                                          "client_kwargs": {"region_name": "eu-west-1"}}
+    other = cfg.model_copy(deep=True)
+    other.data.storage_options = {**secret, "secret": "another"}
+    assert stage_hashes(other) == stage_hashes(cfg)  # credentials do not change what a stage makes
+    other.data.storage_options = {**secret, "endpoint_url": "http://127.0.0.1:9001"}
+    assert stage_hashes(other)["catalog"] != stage_hashes(cfg)["catalog"]
+
+
+def test_bad_storage_options_error_does_not_echo_the_value() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONF / "demo.yaml", ["data.storage_options=key:AKIAEXAMPLE"])
+    assert "data.storage_options" in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
+
+
+def test_partition_bytes_zero_or_null_means_by_count() -> None:
+    assert JobConfig().catalog.partition_bytes == 256 * 2**20
+    assert load_config(None, ["catalog.partition_bytes=0"]).catalog.partition_bytes == 0
+    assert load_config(None, ["catalog.partition_bytes=null"]).catalog.partition_bytes is None
+    with pytest.raises(ConfigError, match="catalog.partition_bytes"):
+        load_config(None, ["catalog.partition_bytes=-1"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from jungletrap.schema import (
     STATUS_OK,
     VIDEO_ID,
 )
+from jungletrap.storage import open_clip
 from jungletrap.video import ClipInfo, VideoDecodeError, letterbox_box, read_clip
 
 __all__ = [
@@ -148,33 +149,35 @@ def _content(frames: np.ndarray, info: ClipInfo, size: int) -> np.ndarray:
     return box if box.size else frames
 
 
-def _decode(row: pd.Series, settings: EmbedSettings, size: int) -> tuple[np.ndarray, ClipInfo]:
-    return read_clip(
-        row[PATH],
-        sample_fps=settings.sample_fps,
-        max_seconds=settings.max_seconds,
-        n_frames=settings.n_frames,
-        size=size,
-        timeout_s=settings.decode_timeout_s,
-    )
+def _decode(row: pd.Series, settings: EmbedSettings, size: int,
+            storage_options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, ClipInfo]:
+    with open_clip(row[PATH], storage_options) as source:  # a remote clip is read as a file object
+        return read_clip(
+            source,
+            sample_fps=settings.sample_fps,
+            max_seconds=settings.max_seconds,
+            n_frames=settings.n_frames,
+            size=size,
+            timeout_s=settings.decode_timeout_s,
+        )
 
 
 def _decoded_clips(
-    rows: pd.DataFrame, settings: EmbedSettings, size: int
+    rows: pd.DataFrame, settings: EmbedSettings, size: int, storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[tuple[int, np.ndarray | None, ClipInfo | None, str | None]]:
     """Yield (position, frames, info, error) in order while a thread pool decodes the next clips."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
         pending: list[tuple[int, Future[tuple[np.ndarray, ClipInfo]]]] = []
         positions = iter(range(len(rows)))
         for pos in positions:
-            pending.append((pos, pool.submit(_decode, rows.iloc[pos], settings, size)))
+            pending.append((pos, pool.submit(_decode, rows.iloc[pos], settings, size, storage_options)))
             if len(pending) >= settings.prefetch_videos:
                 break
         while pending:
             pos, fut = pending.pop(0)
             nxt = next(positions, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_decode, rows.iloc[nxt], settings, size)))
+                pending.append((nxt, pool.submit(_decode, rows.iloc[nxt], settings, size, storage_options)))
             try:
                 frames, info = fut.result()
                 yield pos, frames, info, None
@@ -199,8 +202,12 @@ def _run_model(model: torch.nn.Module, spec: BackboneSpec, frames: np.ndarray, s
     return np.concatenate(out) if out else np.zeros((0, spec.feature_dim), np.float32)
 
 
-def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings) -> pd.DataFrame:
-    """Embed every clip of a catalog partition; the result follows :data:`EMBED_SCHEMA`, one row per input."""
+def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
+                    storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Embed every clip of a catalog partition; the result follows :data:`EMBED_SCHEMA`, one row per input.
+
+    ``storage_options`` (fsspec) open remote clips (``s3://...``) as file objects; local paths need none.
+    """
     spec = get_spec(settings.backbone)
     device = resolve_device(settings.device)
     model = _model(spec, device)
@@ -220,7 +227,7 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings) -> pd.DataFr
             offset += n
         buffer.clear()
 
-    for pos, frames, info, error in _decoded_clips(rows, settings, size):
+    for pos, frames, info, error in _decoded_clips(rows, settings, size, storage_options):
         row = rows.iloc[pos]
         if error is not None or frames is None or info is None or len(frames) == 0:
             records[pos] = _error_record(row, error or f"{row[PATH]}: no frame could be decoded")

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from jungletrap.storage import RunPath
 
 __all__ = [
     "ConfigError",
@@ -45,21 +48,36 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    """Where outputs go and the global seed."""
+    """Where outputs go and the global seed. ``root`` may be a local path or any fsspec URL (``s3://...``)."""
 
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     root: str = "runs"
     seed: int = 0
     strict: bool = False
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+VARIANT_FIELD = "{variant}"
 
 
 class DataConfig(_Section):
-    """Inputs in the competition layout: a videos root plus two CSVs with ``filename`` + 24 class columns."""
+    """Inputs in the competition layout: a videos root plus two CSVs with ``filename`` + 24 class columns.
+
+    Every location may be a local path or an fsspec URL; ``storage_options`` apply to the remote ones.
+    ``{variant}`` in ``videos`` is replaced by ``variant`` (the competition's ``full`` clips or its 64x64
+    ``micro`` copies, same filenames), so ``--set data.variant=micro`` switches the whole run.
+    """
 
     videos: str = "data/demo/videos"
     labels: str = "data/demo/train_labels.csv"
     submission_format: str = "data/demo/submission_format.csv"
     test_labels: str | None = None
+    variant: Literal["full", "micro"] = "full"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    def videos_root(self) -> str:
+        """``videos`` with ``{variant}`` filled in."""
+        return self.videos.replace(VARIANT_FIELD, self.variant)
 
 
 class ClusterConfig(_Section):
@@ -102,6 +120,7 @@ class CatalogConfig(_Section):
 
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".avi", ".asf", ".mkv", ".mov", ".wmv"])
     videos_per_partition: int = Field(32, ge=1)
+    partition_bytes: int | None = Field(256 * 2**20, ge=0)
     n_folds: int = Field(5, ge=2, le=20)
 
 
@@ -201,8 +220,20 @@ class JobConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
 
-    def run_dir(self) -> Path:
-        return Path(self.run.root) / self.run.name
+    def run_dir(self) -> RunPath:
+        """``run.root/run.name``: a local ``Path``, or a ``UPath`` carrying ``run.storage_options``."""
+        from jungletrap.storage import join_location, run_path
+
+        return run_path(join_location(self.run.root, self.run.name), self.run.storage_options)
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as saved with a run: storage options reduced to their non-secret keys."""
+        from jungletrap.storage import public_storage_options
+
+        data = self.model_dump(mode="json")
+        for section in ("run", "data"):
+            data[section]["storage_options"] = public_storage_options(data[section]["storage_options"])
+        return data
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -211,6 +242,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif "storage_options" in key.split("."):  # may hold credentials: never echo the value
+            lines.append(f"  {key}: {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
@@ -243,13 +276,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML file (or nothing: the defaults), apply overrides, validate; raise :class:`ConfigError`."""
+def load_config(path: str | Path | RunPath | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML file (or nothing: the defaults), apply overrides, validate; raise :class:`ConfigError`.
+
+    ``path`` may be a ``UPath`` (a run's ``config.yaml`` on an object store).
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
+        p = path if isinstance(path, Path) or hasattr(path, "read_text") else Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -270,7 +306,11 @@ def config_hash(section: BaseModel | dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def save_config(cfg: JobConfig, path: Path) -> None:
-    """Write the resolved config as YAML (the run's record of what made its outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+def save_config(cfg: JobConfig, path: RunPath) -> None:
+    """Write the resolved config as YAML (the run's record of what made its outputs).
+
+    Storage options are saved without secrets (:meth:`JobConfig.public_dump`).
+    """
+    from jungletrap.storage import write_text_atomic
+
+    write_text_atomic(yaml.safe_dump(cfg.public_dump(), sort_keys=False), path)

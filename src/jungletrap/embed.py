@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client, as_completed
 
 from jungletrap import __version__
@@ -27,7 +25,14 @@ from jungletrap.backbones import get_spec
 from jungletrap.cluster import gpu_resources
 from jungletrap.config import EmbedConfig, config_hash
 from jungletrap.schema import PARTITION, PATH, STATUS, STATUS_ERROR, VIDEO_ID
-from jungletrap.storage import path_token, remove_stale_temps, write_parquet_atomic
+from jungletrap.storage import (
+    RunPath,
+    path_token,
+    read_parquet,
+    read_schema,
+    remove_stale_temps,
+    write_parquet_atomic,
+)
 from jungletrap.udfs.embed import EMBED_SCHEMA, EMBED_SCHEMA_VERSION, EmbedSettings, embed_partition
 
 __all__ = ["embed_settings", "embed_catalog", "read_embedding_meta", "part_path", "EmbedCounts"]
@@ -59,13 +64,13 @@ def _result_hash(settings: EmbedSettings) -> str:
     return config_hash({"schema": EMBED_SCHEMA_VERSION, **{k: getattr(settings, k) for k in keys}})
 
 
-def part_path(out_dir: Path, partition: int) -> Path:
+def part_path(out_dir: RunPath, partition: int) -> RunPath:
     return out_dir / f"part-{partition:05d}.parquet"
 
 
-def read_embedding_meta(path: Path) -> dict[str, Any]:
+def read_embedding_meta(path: RunPath | str) -> dict[str, Any]:
     """The jungletrap key-value metadata of an embedding part (backbone, T, D, sampling, hash...)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_schema(path).metadata or {}
     return json.loads(meta.get(META_KEY, b"{}"))
 
 
@@ -98,19 +103,23 @@ def _max_frames(settings: EmbedSettings) -> int:
     return max(1, int(round(settings.sample_fps * settings.max_seconds)))
 
 
-def embed_catalog_partition(catalog_path: str, partition: int, out_path: str, settings: EmbedSettings) -> EmbedCounts:
-    """Dask task: read one partition's catalog rows, embed them, write the part atomically; return counts."""
-    rows = pd.read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
-    frame = embed_partition(rows, settings=settings)
+def embed_catalog_partition(catalog_path: RunPath, partition: int, out_path: RunPath, settings: EmbedSettings,
+                            storage_options: Mapping[str, Any] | None = None) -> EmbedCounts:
+    """Dask task: read one partition's catalog rows, embed them, write the part atomically; return counts.
+
+    ``storage_options`` open remote clips; the worker reads the clips itself, the client never does.
+    """
+    rows = read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
+    frame = embed_partition(rows, settings=settings, storage_options=storage_options)
     if len(frame) != len(rows) or list(frame[VIDEO_ID]) != list(rows[VIDEO_ID]):
         raise RuntimeError(f"embed UDF returned {len(frame)} rows for {len(rows)} videos (partition {partition})")
     table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
     table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame)))
-    write_parquet_atomic(table, Path(out_path))
+    write_parquet_atomic(table, out_path)
     return {"videos": len(frame), "failed": int((frame[STATUS] == STATUS_ERROR).sum())}
 
 
-def _is_complete(path: Path, result_hash: str, rows_hash: str) -> bool:
+def _is_complete(path: RunPath, result_hash: str, rows_hash: str) -> bool:
     """A part is complete when it exists, is readable, and was made by these settings from these rows."""
     if not path.is_file():
         return False
@@ -121,7 +130,7 @@ def _is_complete(path: Path, result_hash: str, rows_hash: str) -> bool:
     return meta.get("result_hash") == result_hash and meta.get("rows_hash") == rows_hash
 
 
-def _remove_foreign_parts(out_dir: Path, partitions: set[int]) -> None:
+def _remove_foreign_parts(out_dir: RunPath, partitions: set[int]) -> None:
     """Drop parts of partitions the catalog no longer has, so later stages never read stale videos."""
     for path in out_dir.glob("part-*.parquet"):
         if int(path.stem.split("-")[1]) not in partitions:
@@ -131,22 +140,24 @@ def _remove_foreign_parts(out_dir: Path, partitions: set[int]) -> None:
 
 def embed_catalog(
     client: Client,
-    catalog_path: Path,
-    out_dir: Path,
+    catalog_path: RunPath,
+    out_dir: RunPath,
     cfg: EmbedConfig,
     *,
     progress: Callable[[int, int, float], None] | None = None,
     gpu: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> EmbedCounts:
     """Embed every partition of ``catalog_path`` not yet complete in ``out_dir``; return stage counts.
 
     With ``gpu`` the tasks need a ``GPU`` worker resource, so they run only on GPU workers.
+    ``storage_options`` are the data's (for remote clips); they go to the tasks, never into keys or files.
     """
     settings = embed_settings(cfg)
     result_hash = _result_hash(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    catalog = pd.read_parquet(catalog_path, columns=[PARTITION, VIDEO_ID, PATH])
+    catalog = read_parquet(catalog_path, columns=[PARTITION, VIDEO_ID, PATH])
     groups = {int(p): rows for p, rows in catalog.groupby(PARTITION, sort=True)}
     sizes = pd.Series({p: len(rows) for p, rows in groups.items()}, dtype=np.int64)
     pending = [p for p, rows in groups.items()
@@ -158,10 +169,11 @@ def embed_catalog(
     futures = [
         client.submit(
             embed_catalog_partition,
-            str(catalog_path),
+            catalog_path,
             p,
-            str(part_path(out_dir, p)),
+            part_path(out_dir, p),
             settings,
+            dict(storage_options or {}),
             key=f"embed-{p:05d}-{result_hash[:8]}-{path_token(out_dir)}",
             retries=cfg.retries,
             pure=False,

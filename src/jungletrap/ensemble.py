@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from jungletrap.catalog import CATALOG_NAME, read_competition_csv
 from jungletrap.config import JobConfig
 from jungletrap.metrics import fold_prior_predictions, mean_log_loss, summarize
 from jungletrap.schema import CLASS_NAMES, FILENAME, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
-from jungletrap.storage import write_json_atomic, write_parquet_atomic, write_text_atomic
+from jungletrap.storage import RunPath, write_json_atomic, write_parquet_atomic, write_text_atomic
 from jungletrap.train import prediction_path, read_predictions
 
 __all__ = [
@@ -65,9 +66,10 @@ def choose_clip(truth: np.ndarray, proba: np.ndarray, setting: float | str) -> f
     return min(scores, key=lambda c: (scores[c], -c))
 
 
-def write_submission(test: pd.DataFrame, format_path: str | Path, out_path: Path) -> pd.DataFrame:
-    """Write predictions in the exact rows and columns of the submission-format file."""
-    fmt = read_competition_csv(format_path)
+def write_submission(test: pd.DataFrame, format_path: str | Path, out_path: RunPath,
+                     storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Write predictions in the exact rows and columns of the submission-format file (a path or URL)."""
+    fmt = read_competition_csv(format_path, storage_options)
     missing = set(fmt[FILENAME]) - set(test.index)
     if missing:
         raise ValueError(f"{len(missing)} clips of {format_path} have no prediction, e.g. {sorted(missing)[:3]}")
@@ -126,11 +128,12 @@ def run_ensemble(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     if training.exists():  # per-fold scores and training curves, kept with the rest of the metrics
         metrics["training"] = json.loads(training.read_text(encoding="utf-8"))
     if cfg.data.test_labels:
-        metrics["test"] = _test_scores(cfg.data.test_labels, {**test, "blend": test_blend})
+        metrics["test"] = _test_scores(cfg.data.test_labels, {**test, "blend": test_blend},
+                                       cfg.data.storage_options)
     write_json_atomic(params, run_dir / ENSEMBLE_MODEL)
     _write_blend(oof_blend, prediction_path(run_dir, "oof", "blend"))
     _write_blend(test_blend, prediction_path(run_dir, "test", "blend"))
-    write_submission(test_blend, cfg.data.submission_format, run_dir / "submission.csv")
+    write_submission(test_blend, cfg.data.submission_format, run_dir / "submission.csv", cfg.data.storage_options)
     write_json_atomic(metrics, run_dir / "metrics.json")
     blend_score = metrics["oof"]["blend"]["mean_log_loss"]
     log.info("ensemble: %s blend OOF log loss %.5f (prior baseline %.5f, clip %g; nested OOF %s)", method,
@@ -140,9 +143,10 @@ def run_ensemble(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
             "prior_oof_log_loss": round(metrics["prior_baseline_oof"]["mean_log_loss"], 6)}
 
 
-def _test_scores(labels_path: str, predictions: dict[str, pd.DataFrame]) -> dict[str, Any]:
+def _test_scores(labels_path: str, predictions: dict[str, pd.DataFrame],
+                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Scores on held-out test labels when the data has them (the demo set does; the competition did not)."""
-    truth = read_competition_csv(labels_path).set_index(FILENAME)
+    truth = read_competition_csv(labels_path, storage_options).set_index(FILENAME)
     return {m: summarize(truth[list(CLASS_NAMES)].to_numpy(np.float64),
                          p.loc[truth.index, list(CLASS_NAMES)].to_numpy(), CLASS_NAMES)
             for m, p in predictions.items()}

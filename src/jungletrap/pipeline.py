@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
@@ -35,6 +34,7 @@ from jungletrap.features import FEATURE_TRANSFORM, FEATURES_DIR, build_features
 from jungletrap.manifest import Manifest
 from jungletrap.report import write_report
 from jungletrap.schema import SPLIT, SPLIT_TRAIN, VIDEO_ID
+from jungletrap.storage import file_stamp
 from jungletrap.train import embed_dir, run_train
 from jungletrap.udfs.embed import EMBED_SCHEMA_VERSION
 from jungletrap.udfs.features import FEATURE_SET_VERSION
@@ -67,19 +67,12 @@ class StageContext:
             raise RunCancelled(f"run cancelled ({where})")
 
 
-def _file_stamp(path: str | None) -> list[Any]:
-    if not path or not os.path.exists(path):
-        return [path, None]
-    st = os.stat(path)
-    return [path, st.st_size, int(st.st_mtime)]
-
-
 def stage_hashes(cfg: JobConfig) -> dict[str, str]:
     """Config hash per stage, each chained to the previous stage's hash."""
     parts: dict[str, Any] = {
-        "catalog": {"data": cfg.data.model_dump(mode="json"), "catalog": cfg.catalog.model_dump(mode="json"),
-                    "seed": cfg.run.seed, "labels": _file_stamp(cfg.data.labels),
-                    "format": _file_stamp(cfg.data.submission_format)},
+        "catalog": {"data": cfg.public_dump()["data"], "catalog": cfg.catalog.model_dump(mode="json"),
+                    "seed": cfg.run.seed, "labels": file_stamp(cfg.data.labels, cfg.data.storage_options),
+                    "format": file_stamp(cfg.data.submission_format, cfg.data.storage_options)},
         "embed": {"schema": EMBED_SCHEMA_VERSION,
                   **{k: v for k, v in cfg.embed.model_dump(mode="json").items()
                      if k not in ("batch_size", "prefetch_videos", "decode_timeout_s", "retries", "device")}},
@@ -196,7 +189,7 @@ def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     progress = EmbedProgress(check=lambda: ctx.check_cancelled("during embed"))
     try:
         counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=progress,
-                               gpu=ctx.info.gpu)
+                               gpu=ctx.info.gpu, storage_options=ctx.cfg.data.storage_options)
     finally:
         progress.close()
     log.info("embed: %d embedded, %d skipped (already done), %d failed", counts["embedded"], counts["skipped"],
