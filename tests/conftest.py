@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from distributed import Client, LocalCluster
@@ -12,6 +15,15 @@ from distributed import Client, LocalCluster
 REPO = Path(__file__).resolve().parents[1]
 REAL_VIDEOS = REPO.parent / "shared" / "fixtures" / "real_videos"
 VIDEO_SUFFIXES = {".mp4", ".avi", ".asf", ".mkv"}
+
+# S3 credentials reach every process the way they reach real workers: from the environment. Set here, before any
+# cluster starts, so worker processes inherit them; the only S3 endpoint the tests use is the local moto server.
+# No instance-metadata lookups (they would leave this machine) and no user's ~/.aws files.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                   "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
 
 
 def real_video_paths() -> list[Path]:
@@ -170,3 +182,90 @@ def write_tiny_config(path: Path, data: Path, *, run_root: Path, name: str = "ti
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1 (a free port) that counts the HTTP requests it receives.
+
+    The count is taken in front of moto's WSGI app, so it is every real request any process (the client, the
+    workers, a CLI subprocess) sent, retries included.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def _count(self, app: Any) -> Any:
+        def counting(environ: dict[str, Any], start_response: Any) -> Any:
+            with self._lock:
+                self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                      environ.get("QUERY_STRING", "")))
+            return app(environ, start_response)
+
+        return counting
+
+    def start(self) -> S3Server:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        class QuietHandler(MotoRequestHandler):
+            def log_request(self, *args: Any, **kwargs: Any) -> None:  # one line per request would flood the log
+                pass
+
+        app = self._count(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Storage options a job would have in its config: the endpoint only (credentials: environment)."""
+        return {"endpoint_url": self.url}
+
+    def fs(self) -> Any:
+        """A fresh s3fs client (no shared instance, no cached listings)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.url, skip_instance_cache=True, use_listings_cache=False)
+
+    def put_object_directly(self, bucket: str, key: str, data: bytes) -> None:
+        """Store an object in moto's backend without an HTTP request (bulk set-up only, never counted)."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+
+        s3_backends[DEFAULT_ACCOUNT_ID]["global"].put_object(bucket, key, data)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server for the session, on 127.0.0.1 and a free port."""
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def upload_tree(fs: Any, local: Path, url: str) -> list[str]:
+    """Upload every file under ``local`` to ``url`` keeping relative keys (spaces and nesting kept)."""
+    keys = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}"
+        fs.pipe_file(key, path.read_bytes())
+        keys.append(key)
+    return keys
