@@ -15,7 +15,7 @@ def run_job(stages: list[str], argv: list[str] | None = None, *, description: st
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", "-c", type=Path, default=None, help="YAML config (conf/*.yaml)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override: section.key=value")
-    parser.add_argument("--run-dir", type=Path, default=None, help="run directory")
+    parser.add_argument("--run-dir", default=None, help="run directory (path or URL)")
     parser.add_argument("--scheduler", default=None, help="existing scheduler address, e.g. tcp://host:8786")
     parser.add_argument("--scheduler-file", type=Path, default=None, help="scheduler file of a running cluster")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any video failed")

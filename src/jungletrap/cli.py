@@ -27,7 +27,11 @@ log = logging.getLogger("jungletrap")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (conf/*.yaml).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default run.root/run.name).")]
+RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="Run directory, a path or URL (default "
+                                                                    "run.root/run.name).")]
+StorageOpt = Annotated[Optional[str], typer.Option(
+    "--storage-options", help='fsspec options (JSON) for remote locations, e.g. \'{"endpoint_url": "http://h:9000"}\'; '
+                              "credentials come from the environment or a profile.")]
 SchedOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Existing scheduler, e.g. tcp://host:8786.")]
 SchedFileOpt = Annotated[Optional[Path], typer.Option("--scheduler-file", help="Scheduler file of a cluster.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero when any video failed.")]
@@ -59,16 +63,29 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _load(config: Path | None, sets: list[str] | None, run_dir: Path | None) -> tuple[JobConfig, Path]:
+def _storage_options(text: str | None) -> dict[str, Any]:
+    import json
+
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--storage-options must be a JSON object ({err.msg})") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    return options
+
+
+def _load(config: Path | None, sets: list[str] | None, run_dir: str | None) -> tuple[JobConfig, Any]:
     cfg = load_config(config, sets or [])
     from jungletrap.pipeline import check_run_dir  # the whole library (torch, xgboost): only for a valid config
+    from jungletrap.storage import run_path
 
-    resolved = run_dir if run_dir is not None else cfg.run_dir()
+    resolved = run_path(run_dir, cfg.run.storage_options) if run_dir is not None else cfg.run_dir()
     check_run_dir(resolved)
     return cfg, resolved
 
 
-def _summary(run_dir: Path, results: dict[str, Any]) -> None:
+def _summary(run_dir: Any, results: dict[str, Any]) -> None:
     embed = results.get("embed", {})
     if embed:
         typer.echo(f"videos: {embed.get('embedded', 0)} embedded, {embed.get('skipped', 0)} skipped, "
@@ -82,7 +99,7 @@ def _summary(run_dir: Path, results: dict[str, Any]) -> None:
                    f"(class-prior baseline {ens['prior_oof_log_loss']:.5f})")
 
 
-def _failed_count(run_dir: Path, results: dict[str, Any]) -> int:
+def _failed_count(run_dir: Any, results: dict[str, Any]) -> int:
     from jungletrap.manifest import Manifest
 
     rec = Manifest(run_dir).stage("embed")
@@ -94,7 +111,7 @@ def execute(
     *,
     config: Path | None,
     sets: list[str] | None,
-    run_dir: Path | None,
+    run_dir: str | Path | None,
     scheduler: str | None,
     scheduler_file: Path | None,
     strict: bool,
@@ -103,7 +120,7 @@ def execute(
     """Validate config, open the cluster, run ``stages``; return the process exit code."""
     _setup_logging()
     try:
-        cfg, resolved = _load(config, sets, run_dir)
+        cfg, resolved = _load(config, sets, None if run_dir is None else str(run_dir))
     except (ConfigError, NotADirectoryError) as err:
         typer.echo(f"error: {err}", err=True)
         return 2
@@ -191,21 +208,24 @@ def demo_data(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="A finished run.")],
-    videos: Annotated[Path, typer.Option(help="A video file or a directory of videos.")],
-    out: Annotated[Path, typer.Option(help="Output CSV.")],
+    run_dir: Annotated[str, typer.Option("--run-dir", help="A finished run (path or URL).")],
+    videos: Annotated[str, typer.Option(help="A video file or a directory of videos (path or URL).")],
+    out: Annotated[str, typer.Option(help="Output CSV (path or URL).")],
     proba_threshold: Annotated[Optional[float], typer.Option(help="Also list labels above this.")] = None,
     scheduler: SchedOpt = None,
     scheduler_file: SchedFileOpt = None,
     strict: StrictOpt = False,
+    storage_options: StorageOpt = None,
 ) -> None:
     """Score new videos with a finished run's models; one output row per input file."""
     _setup_logging()
     from jungletrap.cluster import ClusterError, open_client
     from jungletrap.predict import predict_videos
+    from jungletrap.storage import run_path
 
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        options = _storage_options(storage_options)
+        cfg = load_config(run_path(run_dir, options) / "config.yaml")
     except ConfigError as err:
         typer.echo(f"error: {run_dir} is not a finished run: {err}", err=True)
         raise typer.Exit(2) from None
@@ -213,7 +233,8 @@ def predict(
         with open_client(cfg.cluster, address=scheduler,
                          scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
             typer.echo(f"dask dashboard: {info.dashboard_link}")
-            frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold)
+            frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold,
+                                   storage_options=options)
     except (ClusterError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -269,15 +290,22 @@ def submit(
 
 @app.command()
 def status(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="The run directory.")],
+    run_dir: Annotated[str, typer.Option("--run-dir", help="The run directory (path or URL).")],
+    storage_options: StorageOpt = None,
 ) -> None:
     """Print a run's progress from its manifest: each stage's status, seconds, failures and counts; events."""
+    from jungletrap.storage import run_path
     from jungletrap.submit import format_status
 
-    if not run_dir.is_dir():
+    try:
+        path = run_path(run_dir, _storage_options(storage_options))
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if not path.is_dir():
         typer.echo(f"error: no run directory {run_dir}", err=True)
         raise typer.Exit(2)
-    typer.echo(format_status(run_dir))
+    typer.echo(format_status(path))
 
 
 @app.command()

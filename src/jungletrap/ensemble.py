@@ -25,7 +25,7 @@ from jungletrap.catalog import CATALOG_NAME, read_competition_csv
 from jungletrap.config import JobConfig
 from jungletrap.metrics import fold_prior_predictions, mean_log_loss, summarize
 from jungletrap.schema import CLASS_NAMES, FILENAME, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
-from jungletrap.storage import RunPath, write_json_atomic, write_parquet_atomic, write_text_atomic
+from jungletrap.storage import RunPath, read_parquet, write_json_atomic, write_parquet_atomic, write_text_atomic
 from jungletrap.train import prediction_path, read_predictions
 
 __all__ = [
@@ -79,7 +79,7 @@ def write_submission(test: pd.DataFrame, format_path: str | Path, out_path: RunP
     return sub
 
 
-def _write_blend(frame: pd.DataFrame, path: Path) -> None:
+def _write_blend(frame: pd.DataFrame, path: RunPath) -> None:
     out = frame.rename_axis(VIDEO_ID).reset_index().sort_values(VIDEO_ID)
     write_parquet_atomic(pa.Table.from_pandas(out, preserve_index=False), path)
 
@@ -93,10 +93,10 @@ def _choose_method(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], fol
     return method, scores
 
 
-def run_ensemble(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
+def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
     """Fit the blend and clip on OOF predictions, write submission.csv, metrics.json and the blender."""
     models = list(cfg.train.models)
-    catalog = pd.read_parquet(run_dir / CATALOG_NAME)
+    catalog = read_parquet(run_dir / CATALOG_NAME)
     train = catalog[catalog[SPLIT] == SPLIT_TRAIN].set_index(VIDEO_ID)
     truth = train[list(CLASS_NAMES)].to_numpy(np.float64)
     oof = {m: read_predictions(prediction_path(run_dir, "oof", m)).loc[train.index] for m in models}

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
+
+from jungletrap.storage import RunPath, write_text_atomic
 
 __all__ = ["FeatureTransform", "fit_feature_transform", "apply_feature_transform", "RELATIVE_FEATURES"]
 
@@ -37,12 +38,11 @@ class FeatureTransform:
     pca_mean: list[float]
     pca_components: list[list[float]]
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self)), encoding="utf-8")
+    def save(self, path: RunPath) -> None:
+        write_text_atomic(json.dumps(asdict(self)), path)
 
     @classmethod
-    def load(cls, path: Path) -> FeatureTransform:
+    def load(cls, path: RunPath) -> FeatureTransform:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client
 
 from jungletrap.config import FeaturesConfig
 from jungletrap.embed import read_embedding_meta
 from jungletrap.feature_fit import RELATIVE_FEATURES, FeatureTransform, apply_feature_transform, fit_feature_transform
 from jungletrap.schema import EMBEDDING, VIDEO_ID
-from jungletrap.storage import path_token, write_parquet_atomic
+from jungletrap.storage import RunPath, path_token, read_schema, read_table, write_parquet_atomic
 from jungletrap.udfs.features import FEATURE_SET_VERSION, features_meta, features_partition
 
 __all__ = [
@@ -42,16 +41,16 @@ FEATURES_DIR = "features"
 FEATURE_TRANSFORM = Path("models") / "features.json"
 
 
-def embedding_parts(embed_dir: Path) -> list[Path]:
+def embedding_parts(embed_dir: RunPath) -> list[RunPath]:
     parts = sorted(embed_dir.glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no embedding parts in {embed_dir}: run the embed stage first")
     return parts
 
 
-def read_embedding_part(path: str) -> pd.DataFrame:
+def read_embedding_part(path: RunPath | str) -> pd.DataFrame:
     """Read one embedding part as pandas, each embedding a flat numpy array (zero-copy slices of one buffer)."""
-    table = pq.read_table(path)
+    table = read_table(path)
     frame = table.drop_columns([EMBEDDING]).to_pandas()
     column = table.column(EMBEDDING).combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False)
@@ -60,23 +59,23 @@ def read_embedding_part(path: str) -> pd.DataFrame:
     return frame
 
 
-def _fit_frame(parts: list[Path], fit_ids: set[str], columns: list[str], sample_ids: set[str] | None
+def _fit_frame(parts: list[RunPath], fit_ids: set[str], columns: list[str], sample_ids: set[str] | None
                ) -> pd.DataFrame:
     """The training rows' columns needed to fit the transform, read part by part on the client."""
     frames = []
     for path in parts:
-        frame = pq.read_table(path, columns=[VIDEO_ID, *columns]).to_pandas()
+        frame = read_table(path, columns=[VIDEO_ID, *columns]).to_pandas()
         keep = frame[VIDEO_ID].isin(fit_ids if sample_ids is None else sample_ids)
         frames.append(frame[keep])
     return pd.concat(frames, ignore_index=True)
 
 
-def _fit_transform(parts: list[Path], fit_ids: set[str], cfg: FeaturesConfig, seed: int) -> FeatureTransform:
+def _fit_transform(parts: list[RunPath], fit_ids: set[str], cfg: FeaturesConfig, seed: int) -> FeatureTransform:
     base = ["width", "height", *RELATIVE_FEATURES.values()]
     transform = fit_feature_transform(_fit_frame(parts, fit_ids, base, None), pca_columns=[], pca_components=0,
                                       max_rows=cfg.pca_max_rows, seed=seed)
     if cfg.pca_components > 0:
-        pooled = [c for c in pq.read_schema(parts[0]).names if c.startswith("emb_") and not c.startswith("emb_pca")]
+        pooled = [c for c in read_schema(parts[0]).names if c.startswith("emb_") and not c.startswith("emb_pca")]
         ids = sorted(fit_ids)
         rng = np.random.default_rng(seed)
         sample = set(rng.choice(ids, min(len(ids), cfg.pca_max_rows), replace=False).tolist())
@@ -87,16 +86,16 @@ def _fit_transform(parts: list[Path], fit_ids: set[str], cfg: FeaturesConfig, se
     return transform
 
 
-def transform_part(path: str, transform: FeatureTransform) -> int:
+def transform_part(path: RunPath, transform: FeatureTransform) -> int:
     """Dask task: add the fitted columns to one feature part, rewriting it atomically; return its rows."""
-    table = pq.read_table(path)
+    table = read_table(path)
     frame = apply_feature_transform(table.to_pandas(), transform)
     out = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata)
-    write_parquet_atomic(out, Path(path))
+    write_parquet_atomic(out, path)
     return len(frame)
 
 
-def features_part(embed_path: str, out_path: str, *, embed_dim: int, pooling: list[str],
+def features_part(embed_path: RunPath, out_path: RunPath, *, embed_dim: int, pooling: list[str],
                   metadata: dict[bytes, bytes]) -> int:
     """Dask task: one embedding part → one feature part (written atomically); return its rows.
 
@@ -108,7 +107,7 @@ def features_part(embed_path: str, out_path: str, *, embed_dim: int, pooling: li
     if list(frame.columns) != declared:
         raise RuntimeError(f"features UDF returned columns that differ from its declared schema ({embed_path})")
     table = pa.Table.from_pandas(frame, schema=_schema(frame), preserve_index=False)
-    write_parquet_atomic(table.replace_schema_metadata(metadata), Path(out_path))
+    write_parquet_atomic(table.replace_schema_metadata(metadata), out_path)
     return len(frame)
 
 
@@ -117,7 +116,8 @@ def _schema(frame: pd.DataFrame) -> pa.Schema:
     return pa.schema([pa.field(c, pa.string() if c in text else pa.float32()) for c in frame.columns])
 
 
-def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: FeaturesConfig, *, transform_path: Path,
+def build_features(client: Client, embed_dir: RunPath, out_dir: RunPath, cfg: FeaturesConfig, *,
+                   transform_path: RunPath,
                    fit_ids: set[str] | None = None, seed: int = 0) -> dict[str, int]:
     """Write the feature table for every embedding part; return row counts.
 
@@ -132,7 +132,7 @@ def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: Features
     if out_dir.exists():
         for stale in out_dir.glob("part-*.parquet"):
             stale.unlink()
-    futures = client.map(features_part, [str(p) for p in parts], [str(out_dir / p.name) for p in parts],
+    futures = client.map(features_part, parts, [out_dir / p.name for p in parts],
                          embed_dim=embed_dim, pooling=list(cfg.pooling), metadata=custom,
                          key=[f"features-{p.stem}-{path_token(out_dir)}" for p in parts], pure=False)
     client.gather(futures)
@@ -143,9 +143,9 @@ def build_features(client: Client, embed_dir: Path, out_dir: Path, cfg: Features
     else:
         transform = FeatureTransform.load(transform_path)
     token = path_token(out_dir)
-    rows = client.gather(client.map(transform_part, [str(p) for p in feature_parts], transform=transform,
+    rows = client.gather(client.map(transform_part, feature_parts, transform=transform,
                                     key=[f"features-transform-{p.stem}-{token}" for p in feature_parts], pure=False))
-    n_columns = len(pq.read_schema(feature_parts[0]).names) if feature_parts else 0
+    n_columns = len(read_schema(feature_parts[0]).names) if feature_parts else 0
     log.info("features: %d rows, %d columns (%d pooled dims x %s, %d PCA)", sum(rows), n_columns, embed_dim,
              list(cfg.pooling), len(transform.pca_components))
     return {"rows": int(sum(rows)), "columns": n_columns}

@@ -1,19 +1,19 @@
 """The run directory's ``manifest.json``: per stage, what made it, what it wrote, how it ended.
 
 Only the process driving the pipeline writes the manifest (workers return counts instead), and every write
-replaces the file atomically, so a reader never sees half a manifest.
+replaces the file atomically (a rename locally, one upload on an object store), so a reader never sees half a
+manifest. The manifest holds config hashes, never the config itself (no storage options, no credentials).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from jungletrap import __version__
+from jungletrap.storage import RunPath, run_path, write_text_atomic
 
 __all__ = ["Manifest", "StageRecord", "MANIFEST_NAME"]
 
@@ -37,8 +37,8 @@ class StageRecord:
 class Manifest:
     """Load, update and atomically save a run's manifest."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / MANIFEST_NAME
+    def __init__(self, run_dir: RunPath | str) -> None:
+        self.path = run_path(run_dir) / MANIFEST_NAME
         self.data: dict[str, Any] = {"code_version": __version__, "created": time.time(), "stages": {}}
         if self.path.is_file():
             self.data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -89,7 +89,4 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(json.dumps(self.data, indent=2, sort_keys=True), self.path)

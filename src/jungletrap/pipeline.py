@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from distributed import Client, performance_report
 
 from jungletrap.catalog import CATALOG_NAME, build_catalog, write_catalog
@@ -34,7 +34,7 @@ from jungletrap.features import FEATURE_TRANSFORM, FEATURES_DIR, build_features
 from jungletrap.manifest import Manifest
 from jungletrap.report import write_report
 from jungletrap.schema import SPLIT, SPLIT_TRAIN, VIDEO_ID
-from jungletrap.storage import file_stamp
+from jungletrap.storage import RunPath, file_stamp, is_remote, read_parquet, run_path, write_bytes_atomic
 from jungletrap.train import embed_dir, run_train
 from jungletrap.udfs.embed import EMBED_SCHEMA_VERSION
 from jungletrap.udfs.features import FEATURE_SET_VERSION
@@ -57,9 +57,13 @@ class StageContext:
 
     client: Client
     cfg: JobConfig
-    run_dir: Path
+    run_dir: RunPath
     info: ClusterInfo
     cancelled: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:
+        # A URL (or a path given as text) becomes a path object carrying the run's storage options.
+        object.__setattr__(self, "run_dir", run_path(self.run_dir, self.cfg.run.storage_options))
 
     def check_cancelled(self, where: str) -> None:
         """Raise :class:`RunCancelled` when the run has been cancelled."""
@@ -87,7 +91,7 @@ def stage_hashes(cfg: JobConfig) -> dict[str, str]:
     return hashes
 
 
-def check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: RunPath) -> None:
     """Refuse a run directory that exists but is not a directory (before any work)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"run directory {run_dir} exists and is not a directory")
@@ -156,11 +160,11 @@ class EmbedProgress:
 def _perf_report(ctx: StageContext, stage: str) -> Iterator[None]:
     """Write Dask's performance report of the stage to ``perf/<stage>.html``; a report that fails only warns."""
     path = ctx.run_dir / PERF_DIR / f"{stage}.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
     report: performance_report | None = None
-    with ctx.client.as_current():
+    with ctx.client.as_current(), tempfile.TemporaryDirectory(prefix="jungletrap-perf-") as tmp:
+        local = Path(tmp) / path.name  # Dask writes a local file; it is then put in the run directory
         try:
-            opened = performance_report(filename=str(path))
+            opened = performance_report(filename=str(local))
             opened.__enter__()
             report = opened
         except Exception as err:  # the report is a diagnostic: never fail the stage for it
@@ -171,6 +175,7 @@ def _perf_report(ctx: StageContext, stage: str) -> Iterator[None]:
             if report is not None:
                 try:
                     report.__exit__(None, None, None)
+                    write_bytes_atomic(local.read_bytes(), path)
                 except Exception as err:
                     log.warning("%s: performance report not written (%s: %s)", stage, type(err).__name__, err)
 
@@ -198,7 +203,7 @@ def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 
 def _features(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
-    catalog = pd.read_parquet(ctx.run_dir / CATALOG_NAME, columns=[VIDEO_ID, SPLIT])
+    catalog = read_parquet(ctx.run_dir / CATALOG_NAME, columns=[VIDEO_ID, SPLIT])
     train_ids = set(catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, VIDEO_ID])
     counts = build_features(ctx.client, embed_dir(ctx.cfg, ctx.run_dir), ctx.run_dir / FEATURES_DIR,
                             ctx.cfg.features, transform_path=ctx.run_dir / FEATURE_TRANSFORM, fit_ids=train_ids,
@@ -214,7 +219,8 @@ def _train(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 def _ensemble(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     counts = run_ensemble(ctx.cfg, ctx.run_dir)
-    write_report(ctx.run_dir, embed_dir(ctx.cfg, ctx.run_dir))
+    write_report(ctx.run_dir, embed_dir(ctx.cfg, ctx.run_dir), client=ctx.client,
+                 storage_options=ctx.cfg.data.storage_options)
     return counts, ["submission.csv", "metrics.json", "report.html"]
 
 
@@ -230,7 +236,8 @@ _RUNNERS: dict[str, Callable[[StageContext], tuple[dict[str, Any], list[str]]]] 
 def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Run ``stages`` (default: all, in order); return each stage's counts. Ctrl-C is recorded, then re-raised."""
     check_run_dir(ctx.run_dir)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_remote(ctx.run_dir):  # an object store has no directories to make
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(ctx.cfg, ctx.run_dir / "config.yaml")
     manifest = Manifest(ctx.run_dir)
     hashes = stage_hashes(ctx.cfg)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,12 +28,19 @@ from jungletrap.schema import (
     CLASS_NAMES,
     ERROR,
     FILENAME,
-    PATH,
-    SIZE_BYTES,
     STATUS,
     STATUS_OK,
     TOP_LABEL,
     VIDEO_ID,
+)
+from jungletrap.storage import (
+    RunPath,
+    filesystem,
+    is_remote,
+    list_files,
+    read_parquet,
+    run_path,
+    write_text_atomic,
 )
 from jungletrap.train_head import load_head_inputs, predict_head_models
 from jungletrap.xgb import predict_xgb_models
@@ -41,21 +50,34 @@ __all__ = ["predict_videos", "list_videos"]
 log = logging.getLogger(__name__)
 
 
-def list_videos(videos: Path, extensions: list[str]) -> list[Path]:
-    """A single file as given, or every file under a directory whose extension looks like a video."""
-    if videos.is_file() or videos.is_symlink() and not videos.is_dir():
-        return [videos]
-    if not videos.is_dir():
+def list_videos(videos: str | os.PathLike[str], extensions: list[str],
+                storage_options: Mapping[str, Any] | None = None) -> tuple[str, pd.DataFrame]:
+    """A single file as given, or every file under a directory whose extension looks like a video (one listing).
+
+    Returns the root the ids are relative to and the files (``relpath``, ``path``, ``size_bytes``, ``version``).
+    """
+    fs, where = filesystem(videos, storage_options)
+    local = not is_remote(videos)
+    if (os.path.lexists(where) and not os.path.isdir(where)) if local else fs.isfile(where):
+        listing = list_files(videos, storage_options)
+        if listing.empty:  # a broken symlink lists as nothing: keep it, its row becomes an error
+            listing = pd.DataFrame({"relpath": [os.path.basename(where)], "path": [where], "size_bytes": [-1],
+                                    "version": ["0"]})
+        return str(listing["path"].iloc[0]).rsplit("/", 1)[0], listing
+    if not fs.isdir(where):
         raise FileNotFoundError(f"{videos}: no such file or directory")
     exts = {e.lower() for e in extensions}
-    return sorted(p for p in videos.rglob("*") if p.suffix.lower() in exts)
+    listing = list_files(videos, storage_options)
+    keep = listing["relpath"].map(lambda rel: os.path.splitext(rel)[1].lower() in exts)
+    root = where if local else fs.unstrip_protocol(where.rstrip("/"))
+    return root, listing[keep].reset_index(drop=True)
 
 
-def _xgb_proba(client: Client, run_dir: Path, features_dir: Path, index: pd.Index) -> pd.DataFrame:
+def _xgb_proba(client: Client, run_dir: RunPath, features_dir: RunPath, index: pd.Index) -> pd.DataFrame:
     return predict_xgb_models(client, run_dir / "models" / "xgb", features_dir).loc[index]
 
 
-def _head_proba(run_dir: Path, embed_dir: Path, features_dir: Path, index: pd.Index) -> pd.DataFrame:
+def _head_proba(run_dir: RunPath, embed_dir: RunPath, features_dir: RunPath, index: pd.Index) -> pd.DataFrame:
     inputs = load_head_inputs(embed_dir, features_dir)
     proba = predict_head_models(run_dir / "models" / "head", inputs)
     return pd.DataFrame(proba, index=inputs.video_ids, columns=list(CLASS_NAMES)).loc[index]
@@ -63,27 +85,33 @@ def _head_proba(run_dir: Path, embed_dir: Path, features_dir: Path, index: pd.In
 
 def predict_videos(
     client: Client,
-    run_dir: str | Path,
+    run_dir: str | Path | RunPath,
     videos: str | Path,
     *,
     out: str | Path | None = None,
     proba_threshold: float | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Embed, featurise and score ``videos`` with the models of ``run_dir``; optionally write a CSV."""
-    run_dir, videos = Path(run_dir), Path(videos).expanduser().absolute()  # workers get absolute paths
+    """Embed, featurise and score ``videos`` with the models of ``run_dir``; optionally write a CSV.
+
+    ``run_dir``, ``videos`` and ``out`` may each be a local path or an fsspec URL; ``storage_options`` apply to
+    the remote ones (credentials: the environment or a profile on the workers).
+    """
+    options = dict(storage_options or {})
+    run_dir = run_path(run_dir, options)
     cfg: JobConfig = load_config(run_dir / "config.yaml")
-    paths = list_videos(videos, cfg.catalog.extensions)
-    if not paths:
+    root, listing = list_videos(videos, cfg.catalog.extensions, options)  # workers get absolute paths or URLs
+    if listing.empty:
         raise FileNotFoundError(f"{videos}: no video files found (extensions {cfg.catalog.extensions})")
-    root = videos if videos.is_dir() else videos.parent
-    catalog = catalog_from_paths(paths, root, videos_per_partition=cfg.catalog.videos_per_partition)
-    stamp = config_hash({"paths": catalog[PATH].tolist(), "sizes": catalog[SIZE_BYTES].tolist(),
-                         "mtimes": [int(os.path.getmtime(p)) if p.is_file() else 0 for p in paths]})
+    catalog = catalog_from_paths(listing["path"].tolist(), root, videos_per_partition=cfg.catalog.videos_per_partition,
+                                 sizes=listing["size_bytes"].tolist(), partition_bytes=cfg.catalog.partition_bytes)
+    stamp = config_hash({"paths": listing["path"].tolist(), "sizes": listing["size_bytes"].tolist(),
+                         "versions": listing["version"].tolist()})
     work = run_dir / "predict" / stamp
-    work.mkdir(parents=True, exist_ok=True)
     write_catalog(catalog, work / "catalog.parquet")
     embed_dir = work / "embeddings"
-    embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed, gpu=cluster_has_gpu(client))
+    embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed, gpu=cluster_has_gpu(client),
+                  storage_options=options)
     build_features(client, embed_dir, work / "features", cfg.features, transform_path=run_dir / FEATURE_TRANSFORM)
     index = pd.Index(catalog[VIDEO_ID])
     per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
@@ -92,11 +120,10 @@ def predict_videos(
     proba = blend_frames(blender, [per_model[m]() for m in blender["models"]])
     clip = float(blender["clip"])
     proba = proba.clip(clip, 1 - clip)
-    status = pd.read_parquet(work / "features", columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
+    status = read_parquet(work / "features", columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
     result = _result(catalog, proba, status, proba_threshold)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        result.to_csv(out, index=False, float_format="%.6g")
+        write_text_atomic(result.to_csv(index=False, float_format="%.6g"), run_path(out, options))
     return result
 
 

@@ -18,12 +18,13 @@ import html
 import io
 import json
 import math
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import matplotlib.image
 import numpy as np
 import pandas as pd
+from distributed import Client
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # figures without pyplot: no global backend switch (notebooks keep theirs)
 from sklearn.calibration import calibration_curve
@@ -42,7 +43,7 @@ from jungletrap.schema import (
     STATUS_ERROR,
     VIDEO_ID,
 )
-from jungletrap.storage import write_text_atomic
+from jungletrap.storage import RunPath, open_clip, read_parquet, write_text_atomic
 from jungletrap.train import prediction_path, read_predictions
 from jungletrap.video import read_clip
 
@@ -89,7 +90,7 @@ def _weights(metrics: dict[str, Any]) -> dict[str, float]:
     return {m: float(w) for m, w in (metrics.get("weights") or {m: 1 / len(models) for m in models}).items()}
 
 
-def oof_predictions(run_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+def oof_predictions(run_dir: RunPath, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """Each model's out-of-fold probabilities (indexed by ``video_id``) plus the clipped blend under ``"blend"``.
 
     The ensemble stage saves only the blend's scores, so the blend is rebuilt here with
@@ -116,12 +117,12 @@ def main_classes(truth: pd.DataFrame, n: int = N_MAIN_CLASSES) -> list[str]:
     return usable.sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 
-def failed_videos(embed_dir: Path) -> pd.DataFrame:
+def failed_videos(embed_dir: RunPath) -> pd.DataFrame:
     """Every video whose decode failed, with the reason, from the embedding parts."""
     parts = sorted(embed_dir.glob("part-*.parquet"))
     if not parts:
         return pd.DataFrame(columns=[VIDEO_ID, ERROR])
-    frame = pd.concat([pd.read_parquet(p, columns=[VIDEO_ID, STATUS, ERROR]) for p in parts], ignore_index=True)
+    frame = pd.concat([read_parquet(p, columns=[VIDEO_ID, STATUS, ERROR]) for p in parts], ignore_index=True)
     return frame.loc[frame[STATUS] == STATUS_ERROR, [VIDEO_ID, ERROR]].reset_index(drop=True)
 
 
@@ -255,10 +256,11 @@ def _contact_picks(truth: pd.DataFrame, pred: pd.DataFrame) -> list[tuple[str, b
     return [(str(pred.index[i]), bool(right[i])) for i in picks]
 
 
-def _frame_strip(path: str, embed: EmbedConfig) -> bytes:
+def _frame_strip(path: str, embed: EmbedConfig, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """A few of the frames the model saw (same sampling as the embed stage), side by side as one PNG."""
-    frames, _ = read_clip(path, sample_fps=embed.sample_fps, max_seconds=embed.max_seconds, n_frames=embed.n_frames,
-                          size=CONTACT_SIZE, timeout_s=_DECODE_TIMEOUT_S)
+    with open_clip(path, storage_options) as source:
+        frames, _ = read_clip(source, sample_fps=embed.sample_fps, max_seconds=embed.max_seconds,
+                              n_frames=embed.n_frames, size=CONTACT_SIZE, timeout_s=_DECODE_TIMEOUT_S)
     keep = np.unique(np.linspace(0, len(frames) - 1, min(CONTACT_FRAMES, len(frames))).round().astype(int))
     gap = np.full((CONTACT_SIZE, 4, 3), 255, np.uint8)
     strip = np.concatenate([x for i in keep for x in (frames[i], gap)][:-1], axis=1)
@@ -267,14 +269,22 @@ def _frame_strip(path: str, embed: EmbedConfig) -> bytes:
     return buf.getvalue()
 
 
-def _contact_card(video_id: str, right: bool, truth: pd.Series, pred: pd.Series, path: str | None,
-                  embed: EmbedConfig) -> str:
+def frame_strip_or_error(path: str | None, embed: EmbedConfig,
+                         storage_options: Mapping[str, Any] | None = None) -> bytes | str:
+    """The PNG strip of a clip, or the reason it is unavailable (a Dask task: workers read the clips)."""
     try:
         if path is None:
             raise FileNotFoundError("not in the catalog")
-        picture = _img(_frame_strip(path, embed), f"frames of {video_id}")
+        return _frame_strip(path, embed, storage_options)
     except Exception as err:  # one undecodable clip must not cost the whole report
-        picture = f'<p class="err">frames unavailable: {html.escape(f"{type(err).__name__}: {err}")}</p>'
+        return f"{type(err).__name__}: {err}"
+
+
+def _contact_card(video_id: str, right: bool, truth: pd.Series, pred: pd.Series, strip: bytes | str) -> str:
+    if isinstance(strip, bytes):
+        picture = _img(strip, f"frames of {video_id}")
+    else:
+        picture = f'<p class="err">frames unavailable: {html.escape(strip)}</p>'
     labels = ", ".join(c for c in CLASS_NAMES if truth[c] == 1) or "(none)"
     top3 = ", ".join(f"{c} {p:.3f}" for c, p in pred.sort_values(ascending=False, kind="stable").head(3).items())
     kind = "right" if right else "wrong"
@@ -283,18 +293,27 @@ def _contact_card(video_id: str, right: bool, truth: pd.Series, pred: pd.Series,
             f"top-3: {html.escape(top3)}</figcaption></figure>")
 
 
-def _contact_sheet(truth: pd.DataFrame, catalog: pd.DataFrame, pred: pd.DataFrame, embed: EmbedConfig) -> str:
+def _contact_sheet(truth: pd.DataFrame, catalog: pd.DataFrame, pred: pd.DataFrame, embed: EmbedConfig,
+                   client: Client | None, storage_options: Mapping[str, Any] | None) -> str:
     picks = _contact_picks(truth, pred)
     if not picks:
         return "<p>No out-of-fold predictions.</p>"
     paths = catalog[PATH].to_dict()
-    cards = "".join(_contact_card(v, right, truth.loc[v], pred.loc[v], paths.get(v), embed) for v, right in picks)
+    wanted = [paths.get(v) for v, _ in picks]
+    options = dict(storage_options or {})
+    if client is not None:  # the clips are read where the data is reachable: on the workers
+        strips = client.gather(client.map(frame_strip_or_error, wanted, embed=embed, storage_options=options,
+                                          pure=False))
+    else:
+        strips = [frame_strip_or_error(p, embed, options) for p in wanted]
+    cards = "".join(_contact_card(v, right, truth.loc[v], pred.loc[v], strip)
+                    for (v, right), strip in zip(picks, strips, strict=True))
     return (f"<p>The blend's {CONTACT_PER_KIND} most confident right and {CONTACT_PER_KIND} most confident wrong "
             f"out-of-fold top-1 predictions; frames sampled as in the embed stage "
             f"({embed.sample_fps:g} fps, at most {embed.max_seconds:g} s).</p><div class=\"sheet\">{cards}</div>")
 
 
-def _timings(run_dir: Path) -> str:
+def _timings(run_dir: RunPath) -> str:
     stages = Manifest(run_dir).data.get("stages", {})
     rows = [[name, rec.get("status"), f"{rec.get('seconds') or 0:.1f}", json.dumps(rec.get("counts", {})),
              rec.get("error") or ""] for name, rec in stages.items()]
@@ -307,7 +326,7 @@ def _failures(failed: pd.DataFrame) -> str:
     return f"<p>{len(failed)} video(s) could not be decoded.</p>" + _table(failed.values.tolist(), ["video", "reason"])
 
 
-def _embed_config(run_dir: Path) -> EmbedConfig:
+def _embed_config(run_dir: RunPath) -> EmbedConfig:
     """The run's frame sampling; the defaults when its config.yaml is missing or no longer validates."""
     try:
         return load_config(run_dir / "config.yaml").embed
@@ -315,8 +334,8 @@ def _embed_config(run_dir: Path) -> EmbedConfig:
         return EmbedConfig()
 
 
-def _oof_sections(run_dir: Path, truth: pd.DataFrame, catalog: pd.DataFrame,
-                  metrics: dict[str, Any]) -> tuple[str, str]:
+def _oof_sections(run_dir: RunPath, truth: pd.DataFrame, catalog: pd.DataFrame, metrics: dict[str, Any],
+                  client: Client | None, storage_options: Mapping[str, Any] | None) -> tuple[str, str]:
     """The calibration and contact-sheet bodies, which need the out-of-fold predictions themselves."""
     try:
         preds = oof_predictions(run_dir, metrics)
@@ -326,17 +345,22 @@ def _oof_sections(run_dir: Path, truth: pd.DataFrame, catalog: pd.DataFrame,
     truth = truth.loc[preds[BLEND].index]
     ordered = {BLEND: preds[BLEND], **{m: p for m, p in preds.items() if m != BLEND}}
     return (_calibration(truth, ordered),
-            _contact_sheet(truth, catalog, preds[BLEND], _embed_config(run_dir)))
+            _contact_sheet(truth, catalog, preds[BLEND], _embed_config(run_dir), client, storage_options))
 
 
-def write_report(run_dir: Path, embed_dir: Path) -> Path:
-    """Render ``run_dir/report.html`` from metrics.json, the OOF predictions, catalog, manifest, embeddings, config."""
+def write_report(run_dir: RunPath, embed_dir: RunPath, *, client: Client | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> RunPath:
+    """Render ``run_dir/report.html`` from metrics.json, the OOF predictions, catalog, manifest, embeddings, config.
+
+    The contact sheet's few clips are decoded by ``client``'s workers when given (else here), opened with the
+    data's ``storage_options``.
+    """
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    catalog = pd.read_parquet(run_dir / CATALOG_NAME).set_index(VIDEO_ID)
+    catalog = read_parquet(run_dir / CATALOG_NAME).set_index(VIDEO_ID)
     truth = catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, list(CLASS_NAMES)]
     failed = failed_videos(embed_dir)
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
-    calibration, contact_sheet = _oof_sections(run_dir, truth, catalog, metrics)
+    calibration, contact_sheet = _oof_sections(run_dir, truth, catalog, metrics, client, storage_options)
     sections = [
         ("summary", "Summary", _summary(metrics, len(failed), len(truth))),
         ("scores", "Scores", _scores(metrics)),

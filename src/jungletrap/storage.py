@@ -135,8 +135,8 @@ def list_files(location: str | os.PathLike[str], storage_options: Mapping[str, A
     """Every file under ``location`` with its size, from one recursive listing (``fs.find(detail=True)``).
 
     On S3 that is one paginated ListObjectsV2 call (1,000 keys a page), never a request per file. Columns:
-    ``relpath`` (to ``location``), ``path`` (what workers open) and ``size_bytes`` (-1 for what is not a
-    regular file, e.g. a broken symlink). A missing location lists nothing.
+    ``relpath`` (to ``location``), ``path`` (what workers open), ``size_bytes`` (-1 for what is not a
+    regular file, e.g. a broken symlink) and ``version`` (mtime or ETag). A missing location lists nothing.
     """
     fs, root = filesystem(location, storage_options)
     root = root.rstrip("/") or root
@@ -145,8 +145,14 @@ def list_files(location: str | os.PathLike[str], storage_options: Mapping[str, A
     for name, info in sorted(found.items()):
         rel = name[len(root) + 1:] if name.startswith(root + "/") else name.rsplit("/", 1)[-1]
         size = int(info.get("size") or 0) if info.get("type") == "file" else -1
-        rows.append((rel, _location(fs, name), size))
-    return pd.DataFrame(rows, columns=["relpath", "path", "size_bytes"]).astype({"size_bytes": "int64"})
+        rows.append((rel, _location(fs, name), size, _version(info)))
+    return pd.DataFrame(rows, columns=["relpath", "path", "size_bytes", "version"]).astype({"size_bytes": "int64"})
+
+
+def _version(info: Mapping[str, Any]) -> str:
+    """What changes when a file is rewritten: its mtime locally, its ETag (or modification time) remotely."""
+    version = info.get("mtime", info.get("ETag", info.get("etag", info.get("LastModified"))))
+    return str(int(version)) if isinstance(version, float) else str(version)
 
 
 @contextmanager
@@ -178,10 +184,7 @@ def file_stamp(location: str | None, storage_options: Mapping[str, Any] | None =
         info = fs.info(path)
     except (FileNotFoundError, OSError, ValueError):
         return [location, None]
-    version = info.get("mtime", info.get("ETag", info.get("etag", info.get("LastModified"))))
-    if isinstance(version, float):
-        version = int(version)
-    return [location, info.get("size"), str(version)]
+    return [location, info.get("size"), _version(info)]
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from distributed import Client, Future, fire_and_forget
 
 from jungletrap.config import STAGES, JobConfig
 from jungletrap.manifest import MANIFEST_NAME, Manifest
+from jungletrap.storage import RunPath, is_remote, run_path, write_bytes_atomic
 
 __all__ = [
     "RUN_KEY_PREFIX",
@@ -58,7 +60,7 @@ class Submission:
     """What :func:`submit_run` sent: the driver task's key (the run id), the run directory, the dashboard."""
 
     run_id: str
-    run_dir: Path
+    run_dir: RunPath
     dashboard_link: str | None
     scheduler_address: str
 
@@ -92,14 +94,16 @@ def _wait_registered(client: Client, key: str, timeout_s: float) -> str:
         time.sleep(0.05)
 
 
-def submit_run(client: Client, cfg: JobConfig, run_dir: Path, *, stages: list[str] | None = None,
+def submit_run(client: Client, cfg: JobConfig, run_dir: RunPath, *, stages: list[str] | None = None,
                force: bool = False) -> Submission:
     """Send the pipeline to the cluster as one fire-and-forget task; return at once.
 
     ``cfg`` should already have absolute paths (:func:`absolute_config`); ``run_dir`` is made absolute.
     """
-    run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_path(run_dir, cfg.run.storage_options)
+    if not is_remote(run_dir):
+        run_dir = Path(run_dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
     key = run_key(cfg.run.name)
     Manifest(run_dir).record_event(f"submitted as {key} to {client.scheduler.address}")
     future = client.submit(run_submitted, cfg.model_dump(mode="json"), str(run_dir), list(stages or STAGES),
@@ -112,10 +116,26 @@ def submit_run(client: Client, cfg: JobConfig, run_dir: Path, *, stages: list[st
 
 
 @contextlib.contextmanager
-def _driver_log(run_dir: Path) -> Iterator[None]:
-    """Copy jungletrap's INFO log lines to ``driver.log`` while the driver runs (restored afterwards)."""
+def _driver_log(run_dir: RunPath) -> Iterator[None]:
+    """Copy jungletrap's INFO log lines to ``driver.log`` while the driver runs (restored afterwards).
+
+    On an object store the lines go to a local temporary file, uploaded when the driver ends.
+    """
+    remote = is_remote(run_dir)
+    with tempfile.TemporaryDirectory(prefix="jungletrap-driver-") as tmp:
+        local = Path(tmp) / DRIVER_LOG if remote else run_dir / DRIVER_LOG
+        try:
+            with _log_to(local):
+                yield
+        finally:
+            if remote:
+                write_bytes_atomic(local.read_bytes(), run_dir / DRIVER_LOG)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
     logger = logging.getLogger("jungletrap")
-    handler = logging.FileHandler(run_dir / DRIVER_LOG, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     level = logger.level
     logger.addHandler(handler)
@@ -137,13 +157,13 @@ def run_submitted(cfg_data: dict[str, Any], run_dir: str, stages: list[str], for
 
     worker = get_worker()
     key = worker.get_current_task()
-    path = Path(run_dir)
+    cfg = JobConfig.model_validate(cfg_data)
+    path = run_path(run_dir, cfg.run.storage_options)
 
     def cancelled() -> bool:
         task = worker.state.tasks.get(key)
         return task is None or task.state in ("cancelled", "released", "forgotten")
 
-    cfg = JobConfig.model_validate(cfg_data)
     Manifest(path).record_event(f"{key} started on worker {worker.address}")
     with _driver_log(path), worker_client() as client:
         info = describe_client(client, "existing")
@@ -178,7 +198,7 @@ def _counts(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in counts.items())
 
 
-def format_status(run_dir: Path) -> str:
+def format_status(run_dir: RunPath) -> str:
     """A run's state from its manifest: per stage status, seconds, failures and counts, then the events."""
     manifest = Manifest(run_dir)
     lines = [f"run: {run_dir}" + ("" if (run_dir / MANIFEST_NAME).is_file() else " (no manifest yet)")]

@@ -9,7 +9,6 @@ parallel as Dask tasks that read their data from Parquet themselves.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from jungletrap.config import JobConfig
 from jungletrap.features import FEATURES_DIR
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
-from jungletrap.storage import path_token, write_json_atomic, write_parquet_atomic
+from jungletrap.storage import RunPath, path_token, read_parquet, write_json_atomic, write_parquet_atomic
 from jungletrap.train_head import train_head_fold
 from jungletrap.xgb import load_feature_matrix, train_xgb_folds
 
@@ -31,20 +30,20 @@ __all__ = ["run_train", "embed_dir", "prediction_path", "read_predictions"]
 log = logging.getLogger(__name__)
 
 
-def embed_dir(cfg: JobConfig, run_dir: Path) -> Path:
+def embed_dir(cfg: JobConfig, run_dir: RunPath) -> RunPath:
     return run_dir / "embeddings" / cfg.embed.backbone
 
 
-def prediction_path(run_dir: Path, kind: str, model: str) -> Path:
+def prediction_path(run_dir: RunPath, kind: str, model: str) -> RunPath:
     """``oof/<model>.parquet`` or ``test/<model>.parquet``."""
     return run_dir / kind / f"{model}.parquet"
 
 
-def read_predictions(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path).set_index(VIDEO_ID)
+def read_predictions(path: RunPath) -> pd.DataFrame:
+    return read_parquet(path).set_index(VIDEO_ID)
 
 
-def _write_predictions(frame: pd.DataFrame, path: Path) -> None:
+def _write_predictions(frame: pd.DataFrame, path: RunPath) -> None:
     import pyarrow as pa
 
     frame = frame[[VIDEO_ID, *CLASS_NAMES]].sort_values(VIDEO_ID).reset_index(drop=True)
@@ -56,7 +55,7 @@ def _oof_score(oof: pd.DataFrame, catalog: pd.DataFrame) -> float:
     return mean_log_loss(truth, oof[list(CLASS_NAMES)].to_numpy())
 
 
-def _train_xgb(client: Client, cfg: JobConfig, run_dir: Path, catalog: pd.DataFrame, gpu: bool) -> dict[str, Any]:
+def _train_xgb(client: Client, cfg: JobConfig, run_dir: RunPath, catalog: pd.DataFrame, gpu: bool) -> dict[str, Any]:
     matrix = load_feature_matrix(client, run_dir / FEATURES_DIR)
     rows = catalog.set_index(VIDEO_ID).loc[matrix.video_ids]
     return train_xgb_folds(client, matrix, rows[list(CLASS_NAMES)].to_numpy(np.float32), rows[SPLIT].to_numpy(),
@@ -64,14 +63,14 @@ def _train_xgb(client: Client, cfg: JobConfig, run_dir: Path, catalog: pd.DataFr
                            models_dir=run_dir / "models" / "xgb")
 
 
-def _train_head(client: Client, cfg: JobConfig, run_dir: Path, gpu: bool) -> dict[str, Any]:
+def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> dict[str, Any]:
     futures = [
         client.submit(
             train_head_fold,
-            str(run_dir / CATALOG_NAME),
-            str(embed_dir(cfg, run_dir)),
-            str(run_dir / FEATURES_DIR),
-            str(run_dir / "models" / "head"),
+            run_dir / CATALOG_NAME,
+            embed_dir(cfg, run_dir),
+            run_dir / FEATURES_DIR,
+            run_dir / "models" / "head",
             k,
             cfg.train.head,
             cfg.run.seed,
@@ -91,9 +90,9 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: Path, gpu: bool) -> dic
     }
 
 
-def run_train(client: Client, cfg: JobConfig, run_dir: Path, *, gpu: bool = False) -> dict[str, Any]:
+def run_train(client: Client, cfg: JobConfig, run_dir: RunPath, *, gpu: bool = False) -> dict[str, Any]:
     """Train every model in ``train.models``; return per-model OOF scores and fold details."""
-    catalog = pd.read_parquet(run_dir / CATALOG_NAME)
+    catalog = read_parquet(run_dir / CATALOG_NAME)
     train_ids = set(catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, VIDEO_ID])
     summary: dict[str, Any] = {}
     for model in cfg.train.models:

@@ -7,10 +7,10 @@ training rows only and saved beside the weights, so prediction applies exactly t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from jungletrap.schema import (
     SPLIT_TEST,
     VIDEO_ID,
 )
+from jungletrap.storage import RunPath, read_parquet, run_path, write_bytes_atomic, write_text_atomic
 from jungletrap.udfs.features import CONTAINER_FEATURES
 
 __all__ = ["HeadInputs", "load_head_inputs", "MetaScaler", "train_head_fold", "predict_head_models", "META_FEATURES"]
@@ -54,11 +55,11 @@ class HeadInputs:
     embed_dim: int
 
 
-def load_head_inputs(embed_dir: Path, features_dir: Path) -> HeadInputs:
+def load_head_inputs(embed_dir: RunPath, features_dir: RunPath) -> HeadInputs:
     """Read embeddings and the metadata columns of the feature table for every video."""
-    parts = [read_embedding_part(str(p)) for p in embedding_parts(embed_dir)]
+    parts = [read_embedding_part(p) for p in embedding_parts(embed_dir)]
     frame = pd.concat(parts, ignore_index=True)
-    meta = pd.read_parquet(features_dir, columns=[VIDEO_ID, *META_FEATURES]).set_index(VIDEO_ID)
+    meta = read_parquet(features_dir, columns=[VIDEO_ID, *META_FEATURES]).set_index(VIDEO_ID)
     meta = meta.reindex(frame[VIDEO_ID].to_numpy())
     dim = int(read_embedding_meta(embedding_parts(embed_dir)[0])["feature_dim"])
     embeddings = [np.asarray(e, dtype=np.float32).reshape(-1, dim) for e in frame[EMBEDDING]]
@@ -99,10 +100,10 @@ def _data(inputs: HeadInputs, rows: np.ndarray, scaler: MetaScaler, cfg: HeadCon
 
 
 def train_head_fold(
-    catalog_path: str,
-    embed_dir: str,
-    features_dir: str,
-    models_dir: str,
+    catalog_path: RunPath | str,
+    embed_dir: RunPath | str,
+    features_dir: RunPath | str,
+    models_dir: RunPath | str,
     fold: int,
     cfg: HeadConfig,
     seed: int,
@@ -110,8 +111,8 @@ def train_head_fold(
 ) -> dict[str, Any]:
     """Dask task: fit the head on the other folds, predict the held-out fold and the test clips, save weights."""
     torch.set_num_threads(max(cfg.torch_threads, worker_nthreads()))
-    inputs = load_head_inputs(Path(embed_dir), Path(features_dir))
-    catalog = pd.read_parquet(catalog_path, columns=[VIDEO_ID, SPLIT, FOLD, *CLASS_NAMES]).set_index(VIDEO_ID)
+    inputs = load_head_inputs(run_path(embed_dir), run_path(features_dir))
+    catalog = read_parquet(catalog_path, columns=[VIDEO_ID, SPLIT, FOLD, *CLASS_NAMES]).set_index(VIDEO_ID)
     catalog = catalog.reindex(inputs.video_ids)
     fit_mask, valid_mask = fold_masks(catalog[SPLIT].to_numpy(), catalog[FOLD].to_numpy(), fold)
     fit_rows, valid_rows = np.flatnonzero(fit_mask), np.flatnonzero(valid_mask)
@@ -123,12 +124,13 @@ def train_head_fold(
     result = fit_head(train_data, valid_data, cfg=cfg, seed=seed + fold, class_prior=y[fit_rows].mean(axis=0),
                       device=device)
     model = build_head(result.init_kwargs, result.state_dict)
-    out_dir = Path(models_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(result.state_dict, out_dir / f"fold{fold}.pt")
-    (out_dir / f"fold{fold}.json").write_text(json.dumps(
+    out_dir = run_path(models_dir)
+    weights = io.BytesIO()
+    torch.save(result.state_dict, weights)
+    write_bytes_atomic(weights.getvalue(), out_dir / f"fold{fold}.pt")
+    write_text_atomic(json.dumps(
         {"init_kwargs": result.init_kwargs, "scaler": {"mean": scaler.mean, "std": scaler.std},
-         "max_frames": cfg.max_frames}, indent=2), encoding="utf-8")
+         "max_frames": cfg.max_frames}, indent=2), out_dir / f"fold{fold}.json")
     test_data = _data(inputs, test_rows, scaler, cfg, None)
     return {
         "fold": fold,
@@ -146,12 +148,13 @@ def _frame(video_ids: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
     return out
 
 
-def predict_head_models(models_dir: Path, inputs: HeadInputs) -> np.ndarray:
+def predict_head_models(models_dir: RunPath, inputs: HeadInputs) -> np.ndarray:
     """Average the fold heads' probabilities for ``inputs`` (the predict path)."""
     probas = []
     for spec_path in sorted(models_dir.glob("fold*.json")):
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        state = torch.load(spec_path.with_suffix(".pt"), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(spec_path.with_suffix(".pt").read_bytes()), map_location="cpu",
+                           weights_only=True)
         model = build_head(spec["init_kwargs"], state)
         scaler = MetaScaler(mean=spec["scaler"]["mean"], std=spec["scaler"]["std"])
         frames, mask = pad_frames(inputs.embeddings, max_frames=spec["max_frames"], dim=inputs.embed_dim)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -20,7 +19,6 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import xgboost as xgb
 import xgboost.dask  # noqa: F401  (the dask module must be imported explicitly)
 from distributed import Client
@@ -28,7 +26,7 @@ from distributed import Client
 from jungletrap.catalog import fold_masks
 from jungletrap.config import XGBConfig
 from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
-from jungletrap.storage import write_json_atomic
+from jungletrap.storage import RunPath, is_remote, read_schema, read_table, write_bytes_atomic, write_json_atomic
 
 XGBResult = dict[str, Any]
 
@@ -60,20 +58,20 @@ class FeatureMatrix:
     features: list[str]
 
 
-def _read_part_matrix(path: str, features: list[str]) -> np.ndarray:
-    return pq.read_table(path, columns=features).to_pandas().to_numpy(np.float32)
+def _read_part_matrix(path: RunPath | str, features: list[str]) -> np.ndarray:
+    return read_table(path, columns=features).to_pandas().to_numpy(np.float32)
 
 
-def load_feature_matrix(client: Client, features_dir: Path, *, features: list[str] | None = None) -> FeatureMatrix:
+def load_feature_matrix(client: Client, features_dir: RunPath, *, features: list[str] | None = None) -> FeatureMatrix:
     """Persist the numeric features on the workers; ``features`` fixes the column order (predict)."""
     parts = sorted(features_dir.glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no feature parts in {features_dir}: run the features stage first")
     if features is None:
-        schema = pq.read_schema(parts[0])
+        schema = read_schema(parts[0])
         features = [f.name for f in schema if f.name not in _NON_FEATURES and pa.types.is_floating(f.type)]
-    ids = [pq.read_table(p, columns=[VIDEO_ID]).column(0).to_pylist() for p in parts]
-    blocks = [da.from_delayed(dask.delayed(_read_part_matrix)(str(p), features), shape=(len(i), len(features)),
+    ids = [read_table(p, columns=[VIDEO_ID]).column(0).to_pylist() for p in parts]
+    blocks = [da.from_delayed(dask.delayed(_read_part_matrix)(p, features), shape=(len(i), len(features)),
                               dtype=np.float32) for p, i in zip(parts, ids, strict=True) if i]
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     # Spread the parts over the workers round-robin: every worker gets rows to train on.
@@ -167,10 +165,11 @@ def train_xgb_folds(
     *,
     seed: int,
     gpu: bool,
-    models_dir: Path,
+    models_dir: RunPath,
 ) -> XGBResult:
     """Train one booster per fold; return OOF and averaged test predictions, per-fold scores and curves."""
-    models_dir.mkdir(parents=True, exist_ok=True)
+    if not is_remote(models_dir):
+        models_dir.mkdir(parents=True, exist_ok=True)
     is_train, is_test = split == SPLIT_TRAIN, split == SPLIT_TEST
     Y = da.from_array(labels.astype(np.float32), chunks=(matrix.X.chunks[0], labels.shape[1]))
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
@@ -189,7 +188,7 @@ def train_xgb_folds(
                              early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
         booster: xgb.Booster = out["booster"]
         n_rounds = int(booster.best_iteration) + 1
-        booster.save_model(models_dir / f"fold{k}.ubj")
+        write_bytes_atomic(bytes(booster.save_raw("ubj")), models_dir / f"fold{k}.ubj")  # local path or URL
         oof_parts.append(_frame(matrix.video_ids[valid], _predict(client, booster, x_valid, margin, n_rounds)))
         test_probas.append(_predict(client, booster, take_rows(matrix.X, is_test), margin, n_rounds))
         curve = [float(v) for v in out["history"]["valid"]["logloss"]]
@@ -203,14 +202,14 @@ def train_xgb_folds(
     return {"oof": pd.concat(oof_parts, ignore_index=True), "test": test, "folds": folds_info}
 
 
-def predict_xgb_models(client: Client, models_dir: Path, features_dir: Path) -> pd.DataFrame:
+def predict_xgb_models(client: Client, models_dir: RunPath, features_dir: RunPath) -> pd.DataFrame:
     """Average the saved fold boosters' probabilities over a feature table (the predict path)."""
     spec = json.loads((models_dir / "features.json").read_text(encoding="utf-8"))
     matrix = load_feature_matrix(client, features_dir, features=spec["features"])
     probas = []
     for fold in spec["folds"]:
         booster = xgb.Booster()
-        booster.load_model(models_dir / f"fold{fold['fold']}.ubj")
+        booster.load_model(bytearray((models_dir / f"fold{fold['fold']}.ubj").read_bytes()))
         probas.append(_predict(client, booster, matrix.X, np.asarray(fold["margin"], np.float32),
                                fold["best_iteration"]))
     return _frame(matrix.video_ids, np.mean(probas, axis=0)).set_index(VIDEO_ID)
