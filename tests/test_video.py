@@ -11,7 +11,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from av.video.frame import PictureType
 
+from jungletrap import video as video_module
 from jungletrap.schema import CONTAINER_COLUMNS, SIZE_BYTES
 from jungletrap.video import ClipInfo, VideoDecodeError, clip_info, letterbox_box, read_clip, sample_times
 
@@ -52,7 +54,7 @@ def _read_barcode(frame: np.ndarray, size: int, width: int = W, height: int = H)
 def _write_clip(path: Path, times: Sequence[float], *, rate: int = 1000, fmt: str | None = None,
                 codec: str = "libx264", width: int = W, height: int = H,
                 container_options: dict[str, str] | None = None,
-                image: Callable[[int], np.ndarray] | None = None) -> Path:
+                image: Callable[[int], np.ndarray] | None = None, bframes: int = 0) -> Path:
     """Encode one barcoded frame per timestamp (seconds, on a 1/rate tick: 1000 for VFR or rounded timestamps)."""
     tick = Fraction(1, rate)
     with av.open(str(path), "w", format=fmt, options=container_options or {}) as out:
@@ -61,7 +63,7 @@ def _write_clip(path: Path, times: Sequence[float], *, rate: int = 1000, fmt: st
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.time_base = tick
         if codec == "libx264":
-            stream.options = {"crf": "12", "preset": "ultrafast"}
+            stream.options = {"crf": "12", "preset": "ultrafast", "x264-params": f"bframes={bframes}:b-adapt=0"}
         for i, t in enumerate(times):
             frame = av.VideoFrame.from_ndarray(image(i) if image else _barcode(i), format="rgb24")
             frame.pts, frame.time_base = round(t * rate), tick
@@ -170,6 +172,36 @@ def test_sampling_picks_the_frames_on_screen(tmp_path: Path, fps: int, seconds: 
     assert [_read_barcode(f, 96) for f in frames] == expected
     assert len(expected) == min(len(targets), sum(t < 15 for t in times))  # never more than the real frames
     assert info.decoded_frames <= round(min(seconds, 15) * fps) + 1, "decoded past max_seconds"
+
+
+@pytest.mark.parametrize(("fps", "rate", "jitter"), [(30, 30, False), (25, 1000, True), (60, 60, False)])
+def test_unneeded_b_frames_are_skipped_without_changing_the_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fps: int, rate: int, jitter: bool) -> None:
+    """B-frames far from every target are not decoded; picks and ``decoded_frames`` equal a full decode's."""
+    rng = np.random.default_rng(fps)
+    times = [t + (rng.uniform(0, 0.4 / fps) if jitter and i else 0.0) for i, t in enumerate(_cfr(fps, 12))]
+    clip = _write_clip(tmp_path / "b.mp4", times, rate=rate, bframes=3)
+    with av.open(str(clip)) as c:
+        assert PictureType.B in {f.pict_type for f in c.decode(video=0)}, "the clip must have B-frames"
+    targets = [k / 3 for k in range(36)]
+    decoded: list[int] = []
+    frames_of = video_module._FrameReader.frames
+
+    def counting(reader: video_module._FrameReader):  # type: ignore[no-untyped-def]
+        for item in frames_of(reader):
+            decoded.append(1)
+            yield item
+
+    monkeypatch.setattr(video_module._FrameReader, "frames", counting)
+    frames, info = read_clip(clip, sample_fps=3, max_seconds=15, size=96)
+    n_skipping = len(decoded)
+    monkeypatch.setattr(video_module._FrameReader, "_skippable", lambda self, packet: False)
+    decoded.clear()
+    full, full_info = read_clip(clip, sample_fps=3, max_seconds=15, size=96)
+
+    assert [_read_barcode(f, 96) for f in frames] == _on_screen(times, targets)
+    assert np.array_equal(frames, full) and info == full_info
+    assert n_skipping < 0.9 * len(decoded), f"only {len(decoded) - n_skipping} of {len(decoded)} frames skipped"
 
 
 @pytest.mark.parametrize(("fps", "seconds", "n_frames"), [(30, 10, 8), (15, 40, 16), (3, 2, 4), (1, 5, 9)])

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from jungletrap.backbones import BackboneSpec, build_backbone, get_spec, preprocess
-from jungletrap.cluster import worker_nthreads
+from jungletrap.cluster import relax_malloc_trim, worker_nthreads
 from jungletrap.schema import (
     CONTAINER_COLUMNS,
     EMBEDDING,
@@ -91,6 +91,8 @@ class EmbedSettings:
     device: str
     decode_timeout_s: float
     prefetch_videos: int
+    decode_threads: int = 2
+    input_size: int | None = None  # None: the backbone's own input size
 
 
 _MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
@@ -110,15 +112,23 @@ def _model(spec: BackboneSpec, device: str) -> torch.nn.Module:
         if key not in _MODEL_CACHE:
             if device == "cpu":
                 torch.set_num_threads(worker_nthreads(default=torch.get_num_threads()))
+                relax_malloc_trim()
             _MODEL_CACHE[key] = build_backbone(spec, device)
         return _MODEL_CACHE[key]
 
 
 def pixel_stats(frames: np.ndarray, info: ClipInfo, size: int) -> dict[str, float]:
-    """Brightness, colour saturation and frame-to-frame motion of the sampled frames (letterbox excluded)."""
-    box = _content(frames, info, size).astype(np.float32) / 255.0
-    grey = box.mean(axis=-1)
-    saturation = (box.max(axis=-1) - box.min(axis=-1)) / np.maximum(box.max(axis=-1), 1e-6)
+    """Brightness, colour saturation and frame-to-frame motion of the sampled frames (letterbox excluded).
+
+    Channels are taken as three planes: numpy reductions over a length-3 last axis ran ~20x slower, and at
+    ~0.2 s a clip they were the embed stage's bottleneck on a GPU worker (bench/gpu.py).
+    """
+    box = _content(frames, info, size)
+    r, g, b = box[..., 0], box[..., 1], box[..., 2]
+    grey = (r.astype(np.float32) + g + b) * np.float32(1 / (3 * 255))
+    high = np.maximum(np.maximum(r, g), b)
+    low = np.minimum(np.minimum(r, g), b)
+    saturation = (high - low).astype(np.float32) / np.maximum(high, 1).astype(np.float32)  # 0 on black pixels
     stats = {
         "brightness_mean": float(grey.mean()),
         "saturation_mean": float(saturation.mean()),
@@ -166,7 +176,7 @@ def _decoded_clips(
     rows: pd.DataFrame, settings: EmbedSettings, size: int, storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[tuple[int, np.ndarray | None, ClipInfo | None, str | None]]:
     """Yield (position, frames, info, error) in order while a thread pool decodes the next clips."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode") as pool:
         pending: list[tuple[int, Future[tuple[np.ndarray, ClipInfo]]]] = []
         positions = iter(range(len(rows)))
         for pos in positions:
@@ -211,7 +221,7 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
     spec = get_spec(settings.backbone)
     device = resolve_device(settings.device)
     model = _model(spec, device)
-    size = spec.input_size
+    size = settings.input_size or spec.input_size
     np_dtype = np.float16 if settings.dtype == "float16" else np.float32
     records: list[dict[str, Any]] = [_error_record(r, "not processed") for _, r in rows.iterrows()]
     buffer: list[tuple[int, np.ndarray]] = []

@@ -32,6 +32,7 @@ __all__ = [
     "cluster_has_gpu",
     "gpu_resources",
     "worker_nthreads",
+    "relax_malloc_trim",
 ]
 
 log = logging.getLogger(__name__)
@@ -219,3 +220,38 @@ def worker_nthreads(default: int = 1) -> int:
         return int(get_worker().state.nthreads)
     except (ValueError, AttributeError):
         return default
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`relax_malloc_trim` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's own dynamic ceiling on 64-bit
+_TRIM_THRESHOLD_BYTES = 2 * _MMAP_THRESHOLD_BYTES  # what glibc's dynamic rule pairs with it
+_malloc_relaxed = False
+
+
+def relax_malloc_trim() -> bool:
+    """Give a torch worker glibc's large-allocation behaviour back; True when applied (once per process).
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed memory returns to the OS.
+    Setting it also freezes glibc's mmap threshold at 128 KiB, so every activation tensor of a CNN batch is a
+    fresh ``mmap`` whose pages fault in again: the embed UDF measured ~25 % slower on CPU (bench/embed.py). This
+    sets the thresholds glibc's dynamic rule reaches on its own (mmap above 32 MiB, trim above 64 MiB); memory
+    still returns to the OS, in larger steps. A no-op off glibc.
+    """
+    global _malloc_relaxed
+    if _malloc_relaxed:
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    _malloc_relaxed = True
+    log.debug("malloc thresholds for torch: mmap %d B, trim %d B (%s)", _MMAP_THRESHOLD_BYTES,
+              _TRIM_THRESHOLD_BYTES, "set" if ok else "mallopt refused")
+    return ok

@@ -75,6 +75,13 @@ class DataConfig(_Section):
     variant: Literal["full", "micro"] = "full"
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _variant_placeholder(self) -> DataConfig:
+        if self.variant != "full" and VARIANT_FIELD not in self.videos:
+            raise ValueError(f"data.variant={self.variant} needs {VARIANT_FIELD} in data.videos (e.g. "
+                             f"s3://bucket/primatrix/{VARIANT_FIELD}), else the full clips would be used")
+        return self
+
     def videos_root(self) -> str:
         """``videos`` with ``{variant}`` filled in."""
         return self.videos.replace(VARIANT_FIELD, self.variant)
@@ -136,6 +143,8 @@ class EmbedConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode_timeout_s: float = Field(120.0, gt=0)
     prefetch_videos: int = Field(4, ge=1, le=64)
+    decode_threads: int = Field(2, ge=1, le=64)
+    input_size: int | None = Field(None, ge=32, le=1024)
     retries: int = Field(2, ge=0, le=10)
 
     @field_validator("backbone")

@@ -55,13 +55,18 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
         device=cfg.device,
         decode_timeout_s=cfg.decode_timeout_s,
         prefetch_videos=cfg.prefetch_videos,
+        decode_threads=cfg.decode_threads,
+        input_size=cfg.input_size,
     )
 
 
 def _result_hash(settings: EmbedSettings) -> str:
     """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts)."""
-    keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype")
-    return config_hash({"schema": EMBED_SCHEMA_VERSION, **{k: getattr(settings, k) for k in keys}})
+    keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype", "input_size")
+    values = {k: getattr(settings, k) for k in keys}
+    if values["input_size"] is None:  # the backbone's own size: hashed as before the key existed
+        del values["input_size"]
+    return config_hash({"schema": EMBED_SCHEMA_VERSION, **values})
 
 
 def part_path(out_dir: RunPath, partition: int) -> RunPath:
@@ -85,7 +90,7 @@ def _file_metadata(settings: EmbedSettings, rows_hash: str, n_rows: int) -> dict
         "artifact": "embeddings",
         "backbone": spec.name,
         "feature_dim": spec.feature_dim,
-        "input_size": spec.input_size,
+        "input_size": settings.input_size or spec.input_size,
         "preprocessing": {"mean": spec.mean, "std": spec.std, "resize": "letterbox-pad"},
         "max_frames": _max_frames(settings),
         "settings": asdict(settings),

@@ -1,0 +1,224 @@
+"""GPU benchmark: backbone frames/s on CUDA, NVDEC vs CPU decode, and the embed stage on a LocalCUDACluster.
+
+Run: ``python -m bench.gpu [--clips 32] [--out bench/results.json]`` on a machine where torch sees a GPU (on a
+CPU-only machine it prints why it skipped). In one run, on the seed's clips (15 s of 640x360 30 fps H.264) and
+sampling (3 fps x 15 s):
+- ``model``: frames/s of each backbone (EfficientNet-Lite0; ResNet-152 skip features, random init: the speed
+  does not depend on the weights) at 224 px and the seed's 404 px, in float32, bfloat16 autocast, and bfloat16
+  with channels_last; uint8 frames already on the GPU, preprocessing included, timed with CUDA events;
+- ``decode``: seconds per clip for ``read_clip`` on the CPU, a full CPU decode, and a full NVDEC decode (PyAV's
+  ``hwaccel="cuda"``) when FFmpeg can open the device;
+- ``stage``: the embed stage through Dask on a one-GPU LocalCUDACluster, files to Parquet, for two
+  ``embed.decode_threads`` settings, and its ratio to the model-only rate (on a GPU the stage is decode-bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import CLIP_FPS, CLIP_H, CLIP_SECONDS, CLIP_W, MAX_SECONDS, SAMPLE_FPS, print_table, save_results
+
+MODES = ("fp32", "bf16", "bf16+channels_last")
+
+
+def _write_seed_clip(path: Path, i: int) -> Path:
+    from jungletrap.synthetic import write_clip
+
+    if not path.exists():
+        write_clip(path, classes=["chimpanzee"] if i % 2 else ["blank"], seed=i, width=CLIP_W, height=CLIP_H,
+                   fps=CLIP_FPS, seconds=CLIP_SECONDS)
+    return path
+
+
+def seed_clips_parallel(out_dir: Path, n: int) -> list[Path]:
+    """``n`` seed-like clips written in parallel (the GPU machine has many cores)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"seed_clip_{i:04d}.mp4" for i in range(n)]
+    with ProcessPoolExecutor(max_workers=min(n, os.cpu_count() or 1)) as pool:
+        list(pool.map(_write_seed_clip, paths, range(n)))
+    return paths
+
+
+def model_frames_per_s(name: str, size: int, mode: str, *, batch: int, iters: int, repeats: int) -> float:
+    import torch
+
+    from jungletrap.backbones import build_backbone, get_spec, preprocess
+
+    spec = get_spec(name)
+    model = build_backbone(spec, "cuda")
+    if mode != "bf16+channels_last":
+        model = model.to(memory_format=torch.contiguous_format)
+    frames = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
+
+    def step() -> None:
+        x = preprocess(frames, spec)
+        x = x.contiguous(memory_format=torch.channels_last if mode == "bf16+channels_last" else
+                         torch.contiguous_format)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            model(x)
+
+    for _ in range(3):
+        step()
+    rates = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        rates.append(batch * iters / (start.elapsed_time(end) / 1000))
+    torch.cuda.empty_cache()
+    return statistics.median(rates)
+
+
+def _full_decode(path: Path, hwaccel: Any = None) -> tuple[int, str]:
+    import av
+
+    with av.open(str(path), hwaccel=hwaccel) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        n, fmt = 0, ""
+        for frame in container.decode(stream):
+            n, fmt = n + 1, frame.format.name
+    return n, fmt
+
+
+def measure_decode(clips: list[Path], repeats: int) -> dict[str, Any]:
+    from jungletrap.video import read_clip
+
+    def per_clip(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) / len(clips)
+
+    out: dict[str, Any] = {
+        "read_clip_s_per_video": per_clip(lambda: [read_clip(p, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
+                                                             size=224) for p in clips]),
+        "cpu_full_decode_s_per_video": per_clip(lambda: [_full_decode(p) for p in clips]),
+    }
+    try:
+        from av.codec.hwaccel import HWAccel
+
+        hw = HWAccel(device_type="cuda", allow_software_fallback=False)
+        frames, fmt = _full_decode(clips[0], hw)
+        out["nvdec_frame_format"] = fmt
+        out["nvdec_full_decode_s_per_video"] = per_clip(lambda: [_full_decode(p, hw) for p in clips])
+    except Exception as err:  # no NVDEC in this FFmpeg or no device access: report why
+        out["nvdec_error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def measure_stage(clips: list[Path], *, decode_threads: int, batch_size: int) -> dict[str, Any]:
+    from distributed import wait  # noqa: F401  (imported so a missing distributed fails here, not mid-run)
+
+    from jungletrap.catalog import catalog_from_paths, write_catalog
+    from jungletrap.cluster import open_client
+    from jungletrap.config import ClusterConfig, EmbedConfig
+    from jungletrap.embed import embed_catalog
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    try:
+        catalog = work / "catalog.parquet"
+        write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=max(1, len(clips) // 4)),
+                      catalog)
+        cfg = EmbedConfig(backbone="efficientnet_lite0", sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
+                          batch_size=batch_size, device="cuda", decode_threads=decode_threads,
+                          prefetch_videos=max(4, 2 * decode_threads))
+        with open_client(ClusterConfig(kind="cuda", threads_per_worker=1)) as (client, info):
+            embed_catalog(client, catalog, work / "warm", cfg)
+            times = []
+            for r in range(2):
+                start = time.perf_counter()
+                embed_catalog(client, catalog, work / f"out{r}", cfg)
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        return {"decode_threads": decode_threads, "workers": info.n_workers, "videos": len(clips),
+                "stage_videos_per_s": len(clips) / seconds, "stage_s_per_video": seconds / len(clips)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clip-dir", type=Path, default=Path(tempfile.gettempdir()) / "jungletrap-gpu-clips")
+    parser.add_argument("--out", type=Path, default=None, help="also write the section as JSON here")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench.gpu: torch sees no CUDA device; skipped")
+        return {}
+    start = time.perf_counter()
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    rows: list[tuple[str, Any, str]] = []
+    errors: dict[str, str] = {}
+
+    def attempt(what: str, fn: Any) -> Any:
+        """One section failing (a missing decoder, an out-of-memory size) must not cost the others."""
+        try:
+            return fn()
+        except Exception as err:
+            errors[what] = f"{type(err).__name__}: {err}"
+            print(f"bench.gpu: {what} failed: {errors[what]}", flush=True)
+            return None
+
+    for name in ("efficientnet_lite0", "resnet152_skip"):
+        for size in (224, 404):
+            for mode in MODES:
+                key = f"model_fps_{name}_{size}_{mode.replace('+', '_')}"
+                fps = attempt(key, lambda n=name, s=size, m=mode: model_frames_per_s(
+                    n, s, m, batch=args.batch, iters=10, repeats=args.repeats))
+                if fps is not None:
+                    result[key] = fps
+                    rows.append((key, fps, f"frames/s, batch {args.batch}"))
+    clips = seed_clips_parallel(args.clip_dir, args.clips)
+    decode = attempt("decode", lambda: measure_decode(clips[:8], args.repeats)) or {}
+    result.update(decode)
+    rows += [(k, v, "s per clip") for k, v in decode.items() if k.endswith("_s_per_video")]
+    for threads in (2, 8):
+        stage = attempt(f"stage_{threads}", lambda t=threads: measure_stage(clips, decode_threads=t, batch_size=128))
+        if stage:
+            key = f"stage_videos_per_s_decode_threads_{threads}"
+            result[key] = stage["stage_videos_per_s"]
+            rows.append((key, stage["stage_videos_per_s"], f"{stage['videos']} clips, 1 GPU worker, files -> Parquet"))
+    lite = result.get("model_fps_efficientnet_lite0_224_bf16_channels_last")
+    stages = [v for k, v in result.items() if k.startswith("stage_videos_per_s")]
+    if lite and stages:
+        result["model_only_videos_per_s"] = lite / (SAMPLE_FPS * MAX_SECONDS)
+        result["stage_over_model_gpu"] = result["model_only_videos_per_s"] / max(stages)
+        rows += [("model_only_videos_per_s", result["model_only_videos_per_s"], "Lite0 224 bf16+CL, 45 frames/clip"),
+                 ("stage_over_model_gpu", result["stage_over_model_gpu"], "time ratio: >1 means decode-bound")]
+    result["errors"] = errors
+    result["bench_seconds"] = time.perf_counter() - start
+    print_table(f"gpu ({result['device']}, torch {result['torch']}, medians of {args.repeats})", rows)
+    if "nvdec_error" in result:
+        print(f"  NVDEC: {result['nvdec_error']}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        save_results("gpu", result)
+    return result
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
