@@ -8,8 +8,9 @@ sampling (3 fps x 15 s):
   with channels_last; uint8 frames already on the GPU, preprocessing included, timed with CUDA events;
 - ``decode``: seconds per clip for ``read_clip`` on the CPU, a full CPU decode, and a full NVDEC decode (PyAV's
   ``hwaccel="cuda"``) when FFmpeg can open the device;
-- ``stage``: the embed stage through Dask on a one-GPU LocalCUDACluster, files to Parquet, for two
-  ``embed.decode_threads`` settings, and its ratio to the model-only rate (on a GPU the stage is decode-bound).
+- ``stage``: the embed stage through Dask on a one-GPU LocalCUDACluster, files to Parquet, for several splits of
+  the CPU cores between clips decoded at once (``embed.decode_threads``) and FFmpeg threads per clip
+  (``embed.codec_threads``), and its ratio to the model-only rate (on a GPU the stage is decode-bound).
 """
 
 from __future__ import annotations
@@ -124,39 +125,45 @@ def measure_decode(clips: list[Path], repeats: int) -> dict[str, Any]:
     return out
 
 
-def measure_stage(clips: list[Path], *, decode_threads: int, batch_size: int) -> dict[str, Any]:
-    from distributed import wait  # noqa: F401  (imported so a missing distributed fails here, not mid-run)
+#: (clips decoded at once, FFmpeg threads per clip) tried for the stage: one clip on all cores, then the cores split.
+STAGE_VARIANTS = ((2, 0), (4, 4), (8, 2), (16, 1))
 
+
+def measure_stage(clips: list[Path], *, batch_size: int, repeats: int) -> dict[str, Any]:
+    """Videos/s of the embed stage on a one-GPU LocalCUDACluster for each of :data:`STAGE_VARIANTS`."""
     from jungletrap.catalog import catalog_from_paths, write_catalog
     from jungletrap.cluster import open_client
     from jungletrap.config import ClusterConfig, EmbedConfig
     from jungletrap.embed import embed_catalog
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    out: dict[str, Any] = {}
     try:
         catalog = work / "catalog.parquet"
         write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=max(1, len(clips) // 4)),
                       catalog)
-        cfg = EmbedConfig(backbone="efficientnet_lite0", sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
-                          batch_size=batch_size, device="cuda", decode_threads=decode_threads,
-                          prefetch_videos=max(4, 2 * decode_threads))
         with open_client(ClusterConfig(kind="cuda", threads_per_worker=1)) as (client, info):
-            embed_catalog(client, catalog, work / "warm", cfg)
-            times = []
-            for r in range(2):
-                start = time.perf_counter()
-                embed_catalog(client, catalog, work / f"out{r}", cfg)
-                times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        return {"decode_threads": decode_threads, "workers": info.n_workers, "videos": len(clips),
-                "stage_videos_per_s": len(clips) / seconds, "stage_s_per_video": seconds / len(clips)}
+            out["workers"] = info.n_workers
+            for decode_threads, codec_threads in STAGE_VARIANTS:
+                cfg = EmbedConfig(backbone="efficientnet_lite0", sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
+                                  batch_size=batch_size, device="cuda", decode_threads=decode_threads,
+                                  codec_threads=codec_threads, prefetch_videos=2 * decode_threads)
+                tag = f"{decode_threads}x{codec_threads}"
+                embed_catalog(client, catalog, work / f"warm-{tag}", cfg)
+                times = []
+                for r in range(repeats):
+                    begin = time.perf_counter()
+                    embed_catalog(client, catalog, work / f"out-{tag}-{r}", cfg)
+                    times.append(time.perf_counter() - begin)
+                out[f"stage_videos_per_s_{tag}"] = len(clips) / statistics.median(times)
+        return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clip-dir", type=Path, default=Path(tempfile.gettempdir()) / "jungletrap-gpu-clips")
@@ -194,12 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     decode = attempt("decode", lambda: measure_decode(clips[:8], args.repeats)) or {}
     result.update(decode)
     rows += [(k, v, "s per clip") for k, v in decode.items() if k.endswith("_s_per_video")]
-    for threads in (2, 8):
-        stage = attempt(f"stage_{threads}", lambda t=threads: measure_stage(clips, decode_threads=t, batch_size=128))
-        if stage:
-            key = f"stage_videos_per_s_decode_threads_{threads}"
-            result[key] = stage["stage_videos_per_s"]
-            rows.append((key, stage["stage_videos_per_s"], f"{stage['videos']} clips, 1 GPU worker, files -> Parquet"))
+    stage = attempt("stage", lambda: measure_stage(clips, batch_size=128, repeats=args.repeats)) or {}
+    result.update(stage)
+    rows += [(k, v, f"{len(clips)} clips; decode_threads x codec_threads; files -> Parquet")
+             for k, v in stage.items() if k.startswith("stage_videos_per_s")]
     lite = result.get("model_fps_efficientnet_lite0_224_bf16_channels_last")
     stages = [v for k, v in result.items() if k.startswith("stage_videos_per_s")]
     if lite and stages:

@@ -92,6 +92,7 @@ class EmbedSettings:
     decode_timeout_s: float
     prefetch_videos: int
     decode_threads: int = 2
+    codec_threads: int = 0  # FFmpeg threads per clip, 0 = FFmpeg's choice
     input_size: int | None = None  # None: the backbone's own input size
 
 
@@ -169,6 +170,7 @@ def _decode(row: pd.Series, settings: EmbedSettings, size: int,
             n_frames=settings.n_frames,
             size=size,
             timeout_s=settings.decode_timeout_s,
+            threads=settings.codec_threads,
         )
 
 

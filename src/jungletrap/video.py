@@ -106,6 +106,7 @@ def read_clip(
     n_frames: int | None = None,
     size: int = 224,
     timeout_s: float | None = 120.0,
+    threads: int = 0,
 ) -> tuple[np.ndarray, ClipInfo]:
     """Decode the frames on screen at the :func:`sample_times` targets, letterboxed to ``size`` x ``size``.
 
@@ -114,6 +115,8 @@ def read_clip(
         sample_fps, max_seconds, n_frames: the sampling, see :func:`sample_times`.
         size: side of the square output frames.
         timeout_s: wall-clock budget for the clip, checked between packets; None for no limit.
+        threads: FFmpeg decoder threads for this clip; 0 lets FFmpeg choose (about one per core). Callers
+            decoding several clips at once split the cores between them instead.
 
     Returns:
         ``(frames, info)``: uint8 ``T x size x size x 3`` RGB in time order, T >= 1. ``T`` can be below the number
@@ -133,10 +136,10 @@ def read_clip(
             duration = _demuxed_span(container, max_seconds=max_seconds, fps=info.fps, budget=budget)
         targets = sample_times(duration, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)
         if not reopen:
-            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget)
+            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
     if reopen:
         with _opened(path) as (container, _):
-            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget)
+            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
     if not picked:
         raise VideoDecodeError(f"{budget.name}: no frame could be decoded (truncated or corrupt)")
     return np.stack(picked), ClipInfo(**{**info.as_dict(), "decoded_frames": decoded})
@@ -161,11 +164,13 @@ class _Budget:
 
 
 def _pick(
-    container: av.container.InputContainer, targets: np.ndarray, *, fps: float, size: int, budget: _Budget
+    container: av.container.InputContainer, targets: np.ndarray, *, fps: float, size: int, budget: _Budget,
+    threads: int = 0,
 ) -> tuple[list[np.ndarray], int]:
     """The letterboxed frames on screen at ``targets`` and how many frames were decoded to find them."""
     stream = _video_stream(container, budget.name)
     stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
     picker = _Picker(targets, size)
     reader = _FrameReader(container, stream, targets, fps=fps, budget=budget)
     decoded = picker.run(reader.frames())
