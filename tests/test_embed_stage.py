@@ -74,7 +74,7 @@ def test_same_video_same_embedding_whatever_partition_or_batch(
     b = tmp_path / "b"
     embed_catalog(dask_client, _catalog(tmp_path, root, extra, per_partition=2), a, TINY)
     embed_catalog(dask_client, _catalog(tmp_path, root, extra, per_partition=8), b,
-                  TINY.model_copy(update={"batch_size": 5}))
+                  TINY.model_copy(update={"batch_size": 5, "decode_threads": 1, "codec_threads": 1}))
     fa, fb = _read_all(a).set_index("video_id"), _read_all(b).set_index("video_id")
     assert sorted(fa.index) == sorted(fb.index)
     for vid in fa.index[fa["status"] == "ok"]:
@@ -100,6 +100,11 @@ def test_resume_recomputes_only_missing_parts(
     assert "part-00001.parquet" in after
     assert not list(out.glob(".*tmp-*"))
     assert _read_all(out)["video_id"].is_unique and len(_read_all(out)) == 8
-    # a change of sampling invalidates every part
+    # a change of performance settings keeps every part; a change of sampling or input size invalidates them
+    counts = embed_catalog(dask_client, catalog, out, TINY.model_copy(update={"decode_threads": 3,
+                                                                           "codec_threads": 1}))
+    assert counts["skipped"] == 8
     counts = embed_catalog(dask_client, catalog, out, TINY.model_copy(update={"sample_fps": 1.0}))
     assert counts["skipped"] == 0
+    counts = embed_catalog(dask_client, catalog, out, TINY.model_copy(update={"sample_fps": 1.0, "input_size": 96}))
+    assert counts["skipped"] == 0 and read_embedding_meta(part_path(out, 0))["input_size"] == 96
