@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import http.client
 import os
+from urllib.parse import urlparse
 
 import pytest
 from distributed import Client
@@ -24,6 +27,19 @@ def test_workers_are_processes_that_import_the_udfs(dask_client: Client) -> None
     assert {name for _, name in results.values()} == {"jungletrap.udfs.embed"}
 
 
+def _websocket_handshake(dashboard_link: str, origin: str) -> int:
+    """HTTP status of a websocket upgrade to the dashboard sent as a browser page from ``origin`` would."""
+    url = urlparse(dashboard_link)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", "/status/ws", headers={
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Origin": origin})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def test_local_cpu_cluster_binds_loopback_and_prints_dashboard() -> None:
     cfg = ClusterConfig(kind="cpu", n_workers=1, threads_per_worker=1)
     with open_client(cfg) as (client, info):
@@ -31,6 +47,10 @@ def test_local_cpu_cluster_binds_loopback_and_prints_dashboard() -> None:
         assert info.dashboard_link is not None and "127.0.0.1" in info.dashboard_link
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
         assert client.submit(sum, [1, 2, 3]).result() == 6
+        # a loopback dashboard refuses websockets opened by pages from other origins (Dask allows any)
+        port = urlparse(info.dashboard_link).port
+        assert _websocket_handshake(info.dashboard_link, "http://evil.example") == 403
+        assert _websocket_handshake(info.dashboard_link, f"http://localhost:{port}") == 101
 
 
 def test_existing_scheduler_creates_no_cluster(dask_client: Client) -> None:

@@ -84,6 +84,35 @@ def _local_cuda_cluster(cfg: ClusterConfig) -> LocalCluster:
         ) from None
 
 
+_ORIGIN_KEY = "distributed.scheduler.dashboard.bokeh-application.allow_websocket_origin"
+_LOOPBACK = ("127.0.0.1", "localhost")
+
+
+@contextlib.contextmanager
+def _dashboard_origins(cfg: ClusterConfig) -> Iterator[ClusterConfig]:
+    """Dask lets any web page's scripts open the dashboard's websockets (``allow_websocket_origin: ["*"]``).
+
+    A dashboard on loopback is only for pages served by itself, so other origins are refused: a malicious page
+    in the user's browser could otherwise drive it. Bokeh's allow-list needs the port, so a port of 0 is chosen
+    here. A dashboard on another interface keeps Dask's setting: the user chose to expose it (set the key above
+    in Dask's config to restrict it). Yields the config with the dashboard address to use.
+    """
+    host, _, port = cfg.dashboard_address.rpartition(":")
+    if host not in _LOOPBACK or not port.isdigit():
+        yield cfg
+        return
+    import socket
+
+    import dask
+
+    if port == "0":
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = str(probe.getsockname()[1])
+    with dask.config.set({_ORIGIN_KEY: [f"{name}:{port}" for name in _LOOPBACK]}):
+        yield cfg.model_copy(update={"dashboard_address": f"{host}:{port}"})
+
+
 def _local_cpu_cluster(cfg: ClusterConfig) -> LocalCluster:
     return LocalCluster(
         n_workers=cfg.n_workers,
@@ -175,7 +204,8 @@ def open_client(
         if kind == "auto":
             kind = "cuda" if cuda_available() and _has_dask_cuda() else "cpu"
             log.info("cluster.kind=auto chose %s", kind)
-        cluster = _local_cuda_cluster(cfg) if kind == "cuda" else _local_cpu_cluster(cfg)
+        with _dashboard_origins(cfg) as local_cfg:
+            cluster = _local_cuda_cluster(local_cfg) if kind == "cuda" else _local_cpu_cluster(local_cfg)
         client = Client(cluster)
     try:
         info = describe_client(client, kind)
