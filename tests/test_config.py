@@ -124,3 +124,10 @@ def test_partition_bytes_zero_or_null_means_by_count() -> None:
     assert load_config(None, ["catalog.partition_bytes=null"]).catalog.partition_bytes is None
     with pytest.raises(ConfigError, match="catalog.partition_bytes"):
         load_config(None, ["catalog.partition_bytes=-1"])
+
+
+def test_micro_variant_needs_the_placeholder() -> None:
+    with pytest.raises(ConfigError, match="variant"):
+        load_config(CONF / "demo.yaml", ["data.variant=micro"])
+    cfg = load_config(CONF / "primatrix.yaml", ["data.variant=micro"])
+    assert cfg.data.videos_root() == "/data/primatrix/micro"

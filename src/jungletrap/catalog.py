@@ -165,7 +165,7 @@ def build_catalog(data: DataConfig, cfg: CatalogConfig, *, seed: int) -> pd.Data
                                            partition_bytes=cfg.partition_bytes)
     catalog[list(CLASS_NAMES)] = catalog[list(CLASS_NAMES)].astype(np.float32)
     missing = int((catalog[SIZE_BYTES] < 0).sum())
-    log.info("catalog: %d clips listed under %s (%d files found), %d partitions", len(catalog), root, len(listing),
+    log.info("catalog: %d clips, %d entries listed under %s, %d partitions", len(catalog), len(listing), root,
              int(catalog[PARTITION].max()) + 1 if len(catalog) else 0)
     if missing:
         log.warning("catalog: %d listed clips are missing under %s (they will be error rows)", missing, root)

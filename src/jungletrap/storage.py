@@ -136,13 +136,16 @@ def list_files(location: str | os.PathLike[str], storage_options: Mapping[str, A
 
     On S3 that is one paginated ListObjectsV2 call (1,000 keys a page), never a request per file. Columns:
     ``relpath`` (to ``location``), ``path`` (what workers open), ``size_bytes`` (-1 for what is not a
-    regular file, e.g. a broken symlink) and ``version`` (mtime or ETag). A missing location lists nothing.
+    regular file: a broken symlink, a directory) and ``version`` (mtime or ETag). A missing location lists nothing.
+    Directories are listed too (a folder named like a clip must become an error row, not vanish).
     """
     fs, root = filesystem(location, storage_options)
     root = root.rstrip("/") or root
-    found = fs.find(root, detail=True)
+    found = fs.find(root, detail=True, withdirs=True)
     rows = []
     for name, info in sorted(found.items()):
+        if name.rstrip("/") == root and info.get("type") == "directory":
+            continue
         rel = name[len(root) + 1:] if name.startswith(root + "/") else name.rsplit("/", 1)[-1]
         size = int(info.get("size") or 0) if info.get("type") == "file" else -1
         rows.append((rel, _location(fs, name), size, _version(info)))
