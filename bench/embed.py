@@ -70,6 +70,29 @@ def decode_floor(path: Path, *, references_only: bool) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
+def _spin(n: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - start
+
+
+def cpu_parallel_ceiling(n: int = 10**7) -> float:
+    """Throughput of two processes spinning at once over one alone: what this machine gives 2 workers.
+
+    Shared or throttled vCPUs (and other work on them) can hold it well under 2; ``scaling_2_over_1`` cannot
+    beat it, so the two are printed side by side.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        list(pool.map(_spin, [n // 10] * 2))  # start both processes before timing
+        alone = statistics.median(pool.submit(_spin, n).result() for _ in range(3))
+        together = statistics.median(max(pool.map(_spin, [n, n])) for _ in range(3))
+    return 2 * alone / together
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -95,7 +118,7 @@ def _stage_seconds(client: Client, catalog: Path, out: Path, cfg: EmbedConfig) -
     return time.perf_counter() - start
 
 
-def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int) -> dict[str, Any]:
+def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int | None) -> dict[str, Any]:
     spec = get_spec(backbone)
     n = len(clips)
     ours = lambda: [read_clip(p, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, size=spec.input_size)  # noqa: E731
@@ -109,6 +132,7 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int) 
     reference_frames = sum(decode_floor(p, references_only=True) for p in clips)
     frames_total = sum(len(f) for f, _ in ours())
 
+    ceiling = cpu_parallel_ceiling()
     cfg = EmbedConfig(backbone=backbone, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, batch_size=batch_size,
                       device="cpu")
     settings = embed_settings(cfg)
@@ -152,6 +176,7 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int) 
         "stage_over_model": stage_s / model_s,
         "stage_2_workers_s_per_video": two_s / n,
         "scaling_2_over_1": stage_s / two_s,
+        "cpu_parallel_ceiling": ceiling,
         "stage_worker_peak_rss_mib": rss,
         "raw_seconds": {"model": model_times, "stage": stage_times, "stage_2_workers": two_times},
         "load_avg_1m": os.getloadavg()[0],
@@ -163,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the UDF's own choice")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     clips = seed_clips(CACHE / "seed_clips", args.clips)
@@ -185,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("stage_over_model", result["stage_over_model"], "target <= 1.1"),
         ("stage_2_workers_s_per_video", result["stage_2_workers_s_per_video"], "2 workers x 1 thread"),
         ("scaling_2_over_1", result["scaling_2_over_1"], "target >= 1.8"),
+        ("cpu_parallel_ceiling", result["cpu_parallel_ceiling"], "2 processes spinning vs 1: this machine's cap"),
         ("stage_worker_peak_rss_mib", result["stage_worker_peak_rss_mib"], ""),
     ])
     save_results("embed", result)

@@ -49,7 +49,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_size(clips: list[Path], *, per_partition: int, batch_size: int) -> dict[str, Any]:
+def run_size(clips: list[Path], *, per_partition: int, batch_size: int | None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     client_proc = psutil.Process()
     try:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--large", type=int, default=2000)
     parser.add_argument("--per-partition", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the UDF's own choice")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
     clips = short_clips(args.large)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bench_seconds": time.perf_counter() - begin,
     }
     print_table(f"memory (EfficientNet-Lite0, 2 workers x 1 thread, {args.per_partition} clips per partition, "
-                f"batch {args.batch_size})", [
+                f"batch {args.batch_size or 'auto'})", [
         ("peak_rss_mib_small", result["peak_rss_mib_small"], f"{args.small} clips, max over workers"),
         ("peak_rss_mib_large", result["peak_rss_mib_large"], f"{args.large} clips"),
         ("peak_rss_growth", result["peak_rss_growth"], "large / small - 1 (target <= 0.10)"),

@@ -86,7 +86,7 @@ class EmbedSettings:
     sample_fps: float
     max_seconds: float
     n_frames: int | None
-    batch_size: int
+    batch_size: int | None  # None: batch_size_for() picks by device
     dtype: str
     device: str
     decode_timeout_s: float
@@ -199,12 +199,26 @@ def _decoded_clips(
                 yield pos, None, None, f"{rows.iloc[pos][PATH]}: unexpected {type(err).__name__}: {err}"
 
 
+#: Frames per forward pass when ``embed.batch_size`` is null. On a GPU large batches fill the device. On a CPU
+#: small ones win: a batch's activations stay in cache (EfficientNet-Lite0, 1 thread: 4 frames 41 frames/s,
+#: 64 frames 21 frames/s), and the worker's peak memory shrinks with them.
+GPU_BATCH, CPU_BATCH_PER_THREAD = 64, 4
+
+
+def batch_size_for(settings: EmbedSettings, device: str) -> int:
+    """The configured batch size, or the device's default."""
+    if settings.batch_size:
+        return settings.batch_size
+    return GPU_BATCH if device.startswith("cuda") else CPU_BATCH_PER_THREAD * torch.get_num_threads()
+
+
 def _run_model(model: torch.nn.Module, spec: BackboneSpec, frames: np.ndarray, settings: EmbedSettings,
                device: str) -> np.ndarray:
     out = []
+    step = batch_size_for(settings, device)
     with torch.inference_mode():
-        for start in range(0, len(frames), settings.batch_size):
-            batch = torch.from_numpy(frames[start : start + settings.batch_size])
+        for start in range(0, len(frames), step):
+            batch = torch.from_numpy(frames[start : start + step])
             if device.startswith("cuda"):
                 batch = batch.pin_memory().to(device, non_blocking=True)
             x = preprocess(batch, spec)
@@ -246,7 +260,7 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
             continue
         records[pos] = _ok_record(row, frames, info, size)
         buffer.append((pos, frames))
-        if sum(len(f) for _, f in buffer) >= settings.batch_size:
+        if sum(len(f) for _, f in buffer) >= batch_size_for(settings, device):
             flush()
     flush()
     return pd.DataFrame.from_records(records, columns=EMBED_SCHEMA.names)

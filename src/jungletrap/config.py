@@ -138,7 +138,7 @@ class EmbedConfig(_Section):
     sample_fps: float = Field(3.0, gt=0, le=120)
     max_seconds: float = Field(15.0, gt=0)
     n_frames: int | None = Field(None, ge=1, le=1024)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int | None = Field(None, ge=1, le=4096)
     dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode_timeout_s: float = Field(120.0, gt=0)
