@@ -28,7 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import CLIP_FPS, CLIP_H, CLIP_SECONDS, CLIP_W, MAX_SECONDS, SAMPLE_FPS, print_table, save_results
+from bench.common import (
+    CLIP_FPS,
+    CLIP_H,
+    CLIP_SECONDS,
+    CLIP_W,
+    MAX_SECONDS,
+    SAMPLE_FPS,
+    median_seconds,
+    print_table,
+    save_results,
+)
 
 MODES = ("fp32", "bf16", "bf16+channels_last")
 
@@ -100,13 +110,7 @@ def measure_decode(clips: list[Path], repeats: int) -> dict[str, Any]:
     from jungletrap.video import read_clip
 
     def per_clip(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) / len(clips)
+        return median_seconds(fn, repeats=repeats)[0] / len(clips)
 
     out: dict[str, Any] = {
         "read_clip_s_per_video": per_clip(lambda: [read_clip(p, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
