@@ -1,4 +1,4 @@
-"""xgboost.dask over folds on a real 2-worker cluster: coverage, uneven partitions, saved models reproduce."""
+"""xgboost.dask over folds on a real 2-worker cluster: coverage, uneven partitions, placement, saved models."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import xgboost as xgb
 from distributed import Client
 
 from jungletrap.config import XGBConfig
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, VIDEO_ID
-from jungletrap.xgb import load_feature_matrix, predict_xgb_models, take_rows, train_xgb_folds
+from jungletrap.xgb import (
+    fold_threads,
+    fold_workers,
+    load_feature_matrix,
+    predict_xgb_models,
+    take_rows,
+    train_xgb_folds,
+)
 
 
 def test_take_rows_drops_empty_chunks() -> None:
@@ -24,6 +33,18 @@ def test_take_rows_drops_empty_chunks() -> None:
     out = take_rows(x, mask)
     assert out.chunks[0] == (2, 1) and out.compute().ravel().tolist() == [1, 2, 9]
     assert take_rows(x, np.zeros(12, bool)).shape[0] == 0
+
+
+def test_fold_placement_follows_rows_per_worker_and_takes_the_hosts_threads(dask_client: Client) -> None:
+    workers = sorted(dask_client.scheduler_info(n_workers=-1)["workers"])
+    assert len(workers) == 2
+    assert fold_workers(dask_client, 100, XGBConfig()) == workers[:1]  # default: 10,000 rows per worker
+    assert fold_workers(dask_client, 100, XGBConfig(min_rows_per_worker=60)) == workers[:1]
+    assert fold_workers(dask_client, 100, XGBConfig(min_rows_per_worker=50)) == workers
+    assert fold_workers(dask_client, 100, XGBConfig(min_rows_per_worker=1)) == workers
+    assert fold_workers(dask_client, 0, XGBConfig()) == workers[:1]
+    # one worker training alone uses its idle neighbour's thread too; two share the host's two threads
+    assert fold_threads(dask_client, workers[:1]) == 2 and fold_threads(dask_client, workers) == 1
 
 
 def _feature_parts(root: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,15 +61,27 @@ def _feature_parts(root: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return ids, y
 
 
-def test_folds_cover_every_training_row_once_and_saved_models_reproduce(dask_client: Client, tmp_path: Path) -> None:
+def _folds(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     features = tmp_path / "features"
     features.mkdir()
     ids, y = _feature_parts(features, 120, seed=0)
     split = np.where(np.arange(120) < 100, "train", "test")
     folds = np.where(split == "train", np.arange(120) // 34, -1)  # fold 0 = rows 0..33: spans two parts
+    return features, ids, y, split, folds
+
+
+#: One worker per fold (the default for so few rows) and data-parallel over both workers.
+PLACEMENTS = {"one_worker": 10000, "both_workers": 1}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_folds_cover_every_training_row_once_and_saved_models_reproduce(dask_client: Client, tmp_path: Path,
+                                                                         placement: str) -> None:
+    features, ids, y, split, folds = _folds(tmp_path)
     matrix = load_feature_matrix(dask_client, features)
     assert matrix.video_ids.tolist() == ids.tolist() and len(matrix.features) == 30
-    cfg = XGBConfig(n_estimators=60, learning_rate=0.2, max_depth=2, early_stopping_rounds=10)
+    cfg = XGBConfig(n_estimators=60, learning_rate=0.2, max_depth=2, early_stopping_rounds=10, max_bin=8,
+                    min_rows_per_worker=PLACEMENTS[placement])
     models = tmp_path / "models"
     result = train_xgb_folds(dask_client, matrix, y, split, folds, cfg, seed=0, gpu=False, models_dir=models)
     oof = result["oof"].set_index(VIDEO_ID)
@@ -60,3 +93,18 @@ def test_folds_cover_every_training_row_once_and_saved_models_reproduce(dask_cli
     test = result["test"].set_index(VIDEO_ID)
     np.testing.assert_allclose(again.loc[test.index].to_numpy(), test.to_numpy(), rtol=1e-5, atol=1e-7)
     assert sorted(p.name for p in models.iterdir()) == ["features.json", "fold0.ubj", "fold1.ubj", "fold2.ubj"]
+    # max_bin reaches every worker's histograms: no feature is split at more than max_bin - 1 thresholds
+    splits = xgb.Booster(model_file=str(models / "fold0.ubj")).trees_to_dataframe().query("Feature != 'Leaf'")
+    assert 1 < splits.groupby("Feature")["Split"].nunique().max() <= cfg.max_bin - 1
+
+
+def test_one_worker_and_both_workers_train_the_same_models(dask_client: Client, tmp_path: Path) -> None:
+    """Placement is a speed choice only: with as many bins as rows, the quantile cuts are the same either way."""
+    features, ids, y, split, folds = _folds(tmp_path)
+    matrix = load_feature_matrix(dask_client, features)
+    results = [train_xgb_folds(dask_client, matrix, y, split, folds,
+                               XGBConfig(n_estimators=30, max_depth=2, min_rows_per_worker=rows), seed=0, gpu=False,
+                               models_dir=tmp_path / name) for name, rows in PLACEMENTS.items()]
+    one, both = (r["oof"].set_index(VIDEO_ID).loc[ids[:100]] for r in results)
+    np.testing.assert_allclose(one.to_numpy(), both.to_numpy(), rtol=1e-5, atol=1e-7)
+    assert [f["best_iteration"] for f in results[0]["folds"]] == [f["best_iteration"] for f in results[1]["folds"]]

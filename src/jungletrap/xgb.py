@@ -5,12 +5,20 @@ booster per fold serves every class. Early stopping watches the fold's own valid
 predictions cover every training clip exactly once and test predictions average the fold models. No class
 reweighting: the metric is log loss, where calibrated probabilities matter more than recall.
 Training runs one model at a time (two concurrent ``xgboost.dask`` trainings can deadlock its collective).
+
+Where a fold trains: ``xgboost.dask`` builds every tree node's gradient histogram on each worker from its own
+rows and then allreduces the whole histogram (features x ``max_bin`` x 16 bytes, whatever the rows), and every
+worker evaluates the same splits. That exchange pays off only when each worker has enough rows to build; a fold
+therefore trains on as many workers as hold ``min_rows_per_worker`` of its rows each, and on one worker below
+that (``bench/xgb.py`` measures both; see README, Training). Trainings run one at a time, so the threads of
+the fold's hosts' other workers are idle meanwhile: the fold's workers use them (``fold_threads``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +29,10 @@ import pandas as pd
 import pyarrow as pa
 import xgboost as xgb
 import xgboost.dask  # noqa: F401  (the dask module must be imported explicitly)
-from distributed import Client
+from distributed import Client, Future
 
 from jungletrap.catalog import fold_masks
+from jungletrap.cluster import relax_malloc_trim
 from jungletrap.config import XGBConfig
 from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
 from jungletrap.storage import RunPath, is_remote, read_schema, read_table, write_bytes_atomic, write_json_atomic
@@ -32,6 +41,8 @@ XGBResult = dict[str, Any]
 
 __all__ = [
     "FeatureMatrix",
+    "fold_threads",
+    "fold_workers",
     "load_feature_matrix",
     "predict_xgb_models",
     "spread",
@@ -91,6 +102,7 @@ def xgb_params(cfg: XGBConfig, *, seed: int, gpu: bool) -> dict[str, Any]:
         "subsample": cfg.subsample,
         "colsample_bytree": cfg.colsample_bytree,
         "reg_lambda": cfg.reg_lambda,
+        "max_bin": cfg.max_bin,
         "seed": seed,
         "device": "cuda" if gpu else "cpu",
     }
@@ -130,12 +142,37 @@ def take_rows(X: da.Array, mask: np.ndarray) -> da.Array:
     return da.concatenate(blocks) if blocks else X[:0]
 
 
+def fold_workers(client: Client, n_rows: int, cfg: XGBConfig) -> list[str]:
+    """The workers a fold trains on: as many as get ``cfg.min_rows_per_worker`` of its ``n_rows`` each, at least one.
+
+    Asked per fold, so a fold after a lost worker is placed on the workers alive then (its ``DaskDMatrix`` es are
+    built from that placement).
+    """
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return workers[: max(1, min(len(workers), n_rows // cfg.min_rows_per_worker))]
+
+
+def fold_threads(client: Client, workers: list[str]) -> int:
+    """Threads per training worker: all threads of the workers on its host, shared by the fold's workers there.
+
+    On the default 2 x 1-thread ``LocalCluster`` a fold on one worker trains with 2 threads (the other worker's
+    thread would sit idle), a fold on both with 1 each, as on any cluster with one worker per machine.
+    """
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    training = Counter(info[w]["host"] for w in workers)
+    threads = Counter[str]()
+    for w in info.values():
+        threads[w["host"]] += int(w["nthreads"])
+    return max(1, min(threads[host] // n for host, n in training.items()))
+
+
 def spread(client: Client, X: da.Array, workers: list[str]) -> da.Array:
     """Re-chunk rows into one block per worker and pin block i to worker i (persisted there).
 
     ``xgboost.dask`` trains on every worker that holds a partition of the training *or* evaluation data; a
     worker holding evaluation rows but no training rows cannot infer the 24 outputs and the multi-target model
-    fails. Giving every worker a block of each matrix (same sizes for X, labels and margins) rules that out.
+    fails. Giving every worker of the fold a block of each matrix (same sizes for X, labels and margins) rules
+    that out.
     """
     n = max(1, min(len(workers), X.shape[0]))
     X = X.rechunk({0: -(-X.shape[0] // n) if X.shape[0] else -1})
@@ -143,16 +180,21 @@ def spread(client: Client, X: da.Array, workers: list[str]) -> da.Array:
                            for i in range(X.numblocks[0])])
 
 
+def _margin_block(block: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(margin, (block.shape[0], len(margin))).astype(np.float32)
+
+
 def _margin(X: da.Array, margin: np.ndarray) -> da.Array:
-    full = np.broadcast_to(margin, (X.shape[0], len(margin))).astype(np.float32)
-    return da.from_array(full, chunks=(X.chunks[0], len(margin)))
+    """The per-class prior margin for every row of ``X``, made on the workers beside ``X``'s blocks."""
+    return da.map_blocks(_margin_block, X, margin, chunks=(X.chunks[0], (len(margin),)), dtype=np.float32)
 
 
-def _predict(client: Client, booster: xgb.Booster, X: da.Array, margin: np.ndarray, n_rounds: int) -> np.ndarray:
+def _predict(client: Client, booster: xgb.Booster | Future, X: da.Array, margin: np.ndarray,
+             n_rounds: int) -> da.Array:
+    """Lazy probabilities of ``booster``'s first ``n_rounds`` rounds over ``X`` (compute several in one call)."""
     if X.shape[0] == 0:
-        return np.zeros((0, len(CLASS_NAMES)))
-    return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds),
-                                    base_margin=_margin(X, margin)).compute()
+        return da.zeros((0, len(CLASS_NAMES)), chunks=((0,), (len(CLASS_NAMES),)))
+    return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds), base_margin=_margin(X, margin))
 
 
 def train_xgb_folds(
@@ -172,25 +214,31 @@ def train_xgb_folds(
         models_dir.mkdir(parents=True, exist_ok=True)
     is_train, is_test = split == SPLIT_TRAIN, split == SPLIT_TEST
     Y = da.from_array(labels.astype(np.float32), chunks=(matrix.X.chunks[0], labels.shape[1]))
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    x_test = take_rows(matrix.X, is_test)
+    # Dask's nanny pins glibc's mmap threshold low: every histogram buffer would be a fresh mmap (~10 % slower).
+    client.run(relax_malloc_trim)
     oof_parts, test_probas, folds_info = [], [], []
     for k in sorted(set(folds[is_train].tolist())):
         fit, valid = fold_masks(split, folds, k)
         margin = prior_margin(labels[fit])
-        x_fit, y_fit, m_fit = (spread(client, a, workers) for a in (take_rows(matrix.X, fit), take_rows(Y, fit),
-                                                                     _margin(take_rows(matrix.X, fit), margin)))
-        x_valid, y_valid, m_valid = (spread(client, a, workers) for a in (
-            take_rows(matrix.X, valid), take_rows(Y, valid), _margin(take_rows(matrix.X, valid), margin)))
+        workers = fold_workers(client, int(fit.sum()), cfg)
+        x_fit, y_fit, x_valid, y_valid = (spread(client, take_rows(a, rows), workers)
+                                          for rows in (fit, valid) for a in (matrix.X, Y))
+        m_fit, m_valid = (spread(client, _margin(x, margin), workers) for x in (x_fit, x_valid))
         dtrain = xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=m_fit)
         dvalid = xgb.dask.DaskDMatrix(client, x_valid, y_valid, base_margin=m_valid)
-        out = xgb.dask.train(client, xgb_params(cfg, seed=seed + k, gpu=gpu), dtrain,
+        params = {**xgb_params(cfg, seed=seed + k, gpu=gpu), "nthread": fold_threads(client, workers)}
+        out = xgb.dask.train(client, params, dtrain,
                              num_boost_round=cfg.n_estimators, evals=[(dvalid, "valid")],
                              early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
         booster: xgb.Booster = out["booster"]
         n_rounds = int(booster.best_iteration) + 1
         write_bytes_atomic(bytes(booster.save_raw("ubj")), models_dir / f"fold{k}.ubj")  # local path or URL
-        oof_parts.append(_frame(matrix.video_ids[valid], _predict(client, booster, x_valid, margin, n_rounds)))
-        test_probas.append(_predict(client, booster, take_rows(matrix.X, is_test), margin, n_rounds))
+        on_workers = client.scatter(booster, hash=False)  # once for both predictions (no broadcast: can hang)
+        oof_proba, test_proba = client.compute([_predict(client, on_workers, x, margin, n_rounds)
+                                                for x in (x_valid, x_test)], sync=True)
+        oof_parts.append(_frame(matrix.video_ids[valid], oof_proba))
+        test_probas.append(test_proba)
         curve = [float(v) for v in out["history"]["valid"]["logloss"]]
         folds_info.append({"fold": int(k), "best_iteration": n_rounds, "valid_logloss": curve[n_rounds - 1],
                            "valid_curve": curve, "margin": margin.tolist()})
@@ -206,10 +254,11 @@ def predict_xgb_models(client: Client, models_dir: RunPath, features_dir: RunPat
     """Average the saved fold boosters' probabilities over a feature table (the predict path)."""
     spec = json.loads((models_dir / "features.json").read_text(encoding="utf-8"))
     matrix = load_feature_matrix(client, features_dir, features=spec["features"])
-    probas = []
+    lazy = []
     for fold in spec["folds"]:
         booster = xgb.Booster()
         booster.load_model(bytearray((models_dir / f"fold{fold['fold']}.ubj").read_bytes()))
-        probas.append(_predict(client, booster, matrix.X, np.asarray(fold["margin"], np.float32),
-                               fold["best_iteration"]))
+        lazy.append(_predict(client, booster, matrix.X, np.asarray(fold["margin"], np.float32),
+                             fold["best_iteration"]))
+    probas = client.compute(lazy, sync=True)
     return _frame(matrix.video_ids, np.mean(probas, axis=0)).set_index(VIDEO_ID)
