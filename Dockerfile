@@ -7,7 +7,8 @@
 # so a pinned Python base is enough; the NVIDIA container toolkit supplies the driver (--gpus all).
 FROM python:3.11.7-slim-bookworm
 
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
+# Workers started from this image may run the embed UDF's decoder processes (Dask's default: daemonic workers).
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 DASK_DISTRIBUTED__WORKER__DAEMON=False \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility,video
 WORKDIR /opt/jungletrap
 RUN python -m venv /opt/venv

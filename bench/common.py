@@ -13,7 +13,8 @@ from typing import Any
 
 from jungletrap.synthetic import write_clip
 
-__all__ = ["seed_clips", "median_seconds", "print_table", "save_results", "machine", "RESULTS_PATH"]
+__all__ = ["seed_clips", "median_seconds", "print_table", "save_results", "machine", "worker_peak_rss_mib",
+           "RESULTS_PATH"]
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
 
@@ -67,3 +68,20 @@ def save_results(section: str, values: dict[str, Any], path: Path = RESULTS_PATH
     data[section] = values
     data["machine"] = machine()
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _peak_rss_of(pid: int | str) -> float:
+    """Peak resident set (VmHWM) of a live process in MiB, from /proc (Linux); 0 when it has gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+
+
+def worker_peak_rss_mib() -> float:
+    """Run on a Dask worker: its peak RSS plus its decoder processes' (each process's own peak, summed: an
+    upper bound of the worker's footprint, since the peaks need not coincide)."""
+    from jungletrap.decoding import decoder_pids
+
+    return _peak_rss_of("self") + sum(_peak_rss_of(pid) for pid in decoder_pids())

@@ -7,7 +7,8 @@ sampling (3 fps x 15 s of 640x360 30 fps H.264, 224x224 input) it measures, in o
 - ``model_only_s_per_video``: the backbone on frames already in memory, run *inside the stage's worker
   process* (same model cache, threads, allocator settings and batch size as the UDF);
 - ``stage_s_per_video``: the embed stage on a 1-worker x 1-thread LocalCluster, files to Parquet, the clips in
-  one partition;
+  one partition, decoded in the worker's decoder process; ``stage_decode_threads_s_per_video``: the same with
+  decode threads inside the worker (``embed.decode_processes: 0``);
   ``stage_over_model`` = stage / model-only (target <= 1.1: decode and I/O hidden behind inference). Model-only
   and stage runs alternate, so load from elsewhere hits both alike;
 - ``scaling_2_over_1``: stage throughput on 2 workers x 1 thread over 1 worker x 1 thread (target >= 1.8), the
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -32,10 +32,19 @@ import numpy as np
 from distributed import Client, LocalCluster
 from jungletrap.udfs.embed import EmbedSettings
 
-from bench.common import MAX_SECONDS, SAMPLE_FPS, median_seconds, print_table, save_results, seed_clips
+from bench.common import (
+    MAX_SECONDS,
+    SAMPLE_FPS,
+    median_seconds,
+    print_table,
+    save_results,
+    seed_clips,
+    worker_peak_rss_mib,
+)
 from jungletrap.backbones import get_spec
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
+from jungletrap.decoding import allow_worker_subprocesses
 from jungletrap.embed import embed_catalog, embed_settings
 from jungletrap.video import read_clip
 
@@ -94,10 +103,6 @@ def cpu_parallel_ceiling(n: int = 10**7) -> float:
     return 2 * alone / together
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _model_only_seconds(clips: list[str], settings: EmbedSettings) -> float:
     """On the worker: decode the clips (untimed), then time the UDF's own model call on all their frames."""
     from jungletrap.udfs.embed import _model, _run_model, resolve_device
@@ -136,6 +141,7 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
     ceiling = cpu_parallel_ceiling()
     cfg = EmbedConfig(backbone=backbone, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, batch_size=batch_size,
                       device="cpu")
+    threads_cfg = cfg.model_copy(update={"decode_processes": 0})  # the old way: decode threads in the worker
     settings = embed_settings(cfg)
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     runs = iter(range(10_000))
@@ -147,27 +153,30 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=n), catalog)
         halves = work / "catalog-2.parquet"
         write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=(n + 1) // 2), halves)
+        allow_worker_subprocesses()  # as open_client does: the worker may start decoder processes
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             paths = [str(p) for p in clips]
-            model_times, stage_times, one_times = [], [], []
+            model_times, stage_times, threads_times, one_times = [], [], [], []
             for r in range(repeats + 1):  # the first round warms the model cache and the page cache
                 model_s = client.submit(_model_only_seconds, paths, settings, pure=False).result()
                 stage_s = _stage_seconds(client, catalog, work / f"out{next(runs)}", cfg)
+                threads_s = _stage_seconds(client, catalog, work / f"out{next(runs)}", threads_cfg)
                 one_s = _stage_seconds(client, halves, work / f"out{next(runs)}", cfg)
                 if r:
                     model_times.append(model_s)
                     stage_times.append(stage_s)
+                    threads_times.append(threads_s)
                     one_times.append(one_s)
-            rss = max(client.run(_peak_rss_mib).values())
+            rss = max(client.run(worker_peak_rss_mib).values())
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             _stage_seconds(client, halves, work / f"out{next(runs)}", cfg)
             two_times = [_stage_seconds(client, halves, work / f"out{next(runs)}", cfg) for _ in range(repeats)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    model_s, stage_s, one_s, two_s = (statistics.median(t) for t in (model_times, stage_times, one_times,
-                                                                      two_times))
+    model_s, stage_s, threads_s, one_s, two_s = (statistics.median(t) for t in (
+        model_times, stage_times, threads_times, one_times, two_times))
     return {
         "backbone": backbone,
         "videos": n,
@@ -183,11 +192,14 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         "model_frames_per_s": frames_total / model_s,
         "stage_s_per_video": stage_s / n,
         "stage_over_model": stage_s / model_s,
+        "stage_decode_threads_s_per_video": threads_s / n,
+        "stage_decode_threads_over_model": threads_s / model_s,
         "stage_2_workers_s_per_video": two_s / n,
         "scaling_2_over_1": one_s / two_s,
         "cpu_parallel_ceiling": ceiling,
         "stage_worker_peak_rss_mib": rss,
-        "raw_seconds": {"model": model_times, "stage": stage_times, "stage_2_parts_1_worker": one_times,
+        "raw_seconds": {"model": model_times, "stage": stage_times, "stage_decode_threads": threads_times,
+                        "stage_2_parts_1_worker": one_times,
                         "stage_2_parts_2_workers": two_times},
         "load_avg_1m": os.getloadavg()[0],
     }
@@ -218,10 +230,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("model_frames_per_s", result["model_frames_per_s"], ""),
         ("stage_s_per_video", result["stage_s_per_video"], "Dask 1 worker x 1 thread, files -> Parquet"),
         ("stage_over_model", result["stage_over_model"], "target <= 1.1"),
+        ("stage_decode_threads_s_per_video", result["stage_decode_threads_s_per_video"],
+         "the same with decode threads in the worker (decode_processes 0)"),
+        ("stage_decode_threads_over_model", result["stage_decode_threads_over_model"], ""),
         ("stage_2_workers_s_per_video", result["stage_2_workers_s_per_video"], "2 workers x 1 thread"),
         ("scaling_2_over_1", result["scaling_2_over_1"], "target >= 1.8"),
         ("cpu_parallel_ceiling", result["cpu_parallel_ceiling"], "2 processes spinning vs 1: this machine's cap"),
-        ("stage_worker_peak_rss_mib", result["stage_worker_peak_rss_mib"], ""),
+        ("stage_worker_peak_rss_mib", result["stage_worker_peak_rss_mib"], "worker + its decoder processes"),
     ])
     save_results("embed", result)
     return result

@@ -9,8 +9,9 @@ sampling (3 fps x 15 s):
 - ``decode``: seconds per clip for ``read_clip`` on the CPU, a full CPU decode, and a full NVDEC decode (PyAV's
   ``hwaccel="cuda"``) when FFmpeg can open the device;
 - ``stage``: the embed stage through Dask on a one-GPU LocalCUDACluster, files to Parquet, for several splits of
-  the CPU cores between clips decoded at once (``embed.decode_threads``) and FFmpeg threads per clip
-  (``embed.codec_threads``), and its ratio to the model-only rate (on a GPU the stage is decode-bound).
+  the CPU cores (:data:`STAGE_VARIANTS`): decode threads in the worker (``embed.decode_threads``) or decoder
+  processes (``embed.decode_processes``), times FFmpeg threads per clip (``embed.codec_threads``); and its ratio
+  to the model-only rate (above 1: decode-bound).
 """
 
 from __future__ import annotations
@@ -130,10 +131,17 @@ def measure_decode(clips: list[Path], repeats: int) -> dict[str, Any]:
 
 
 #: (clips decoded at once, FFmpeg threads per clip) tried for the stage: one clip on all cores, then the cores split.
-STAGE_VARIANTS = ((2, 0), (4, 4), (8, 2), (16, 1))
+#: Ways to split a GPU worker's CPU cores for decoding: (tag, embed config keys). ``threads``: clips decoded at once
+#: in threads of the worker x FFmpeg threads each; ``processes``: decoder processes (auto: all cores but one).
+STAGE_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("threads_4x4", {"decode_processes": 0, "decode_threads": 4, "codec_threads": 4, "prefetch_videos": 8}),
+    ("processes_auto_x1", {"decode_processes": None, "codec_threads": 1}),
+    ("processes_8x2", {"decode_processes": 8, "codec_threads": 2}),
+)
 
 
-def measure_stage(clips: list[Path], *, batch_size: int, repeats: int) -> dict[str, Any]:
+def measure_stage(clips: list[Path], *, batch_size: int, repeats: int,
+                  variants: tuple[tuple[str, dict[str, Any]], ...] = STAGE_VARIANTS) -> dict[str, Any]:
     """Videos/s of the embed stage on a one-GPU LocalCUDACluster for each of :data:`STAGE_VARIANTS`."""
     from jungletrap.catalog import catalog_from_paths, write_catalog
     from jungletrap.cluster import open_client
@@ -148,11 +156,9 @@ def measure_stage(clips: list[Path], *, batch_size: int, repeats: int) -> dict[s
                       catalog)
         with open_client(ClusterConfig(kind="cuda", threads_per_worker=1)) as (client, info):
             out["workers"] = info.n_workers
-            for decode_threads, codec_threads in STAGE_VARIANTS:
+            for tag, keys in variants:
                 cfg = EmbedConfig(backbone="efficientnet_lite0", sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
-                                  batch_size=batch_size, device="cuda", decode_threads=decode_threads,
-                                  codec_threads=codec_threads, prefetch_videos=2 * decode_threads)
-                tag = f"{decode_threads}x{codec_threads}"
+                                  batch_size=batch_size, device="cuda", **keys)
                 embed_catalog(client, catalog, work / f"warm-{tag}", cfg)
                 times = []
                 for r in range(repeats):
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clip-dir", type=Path, default=Path(tempfile.gettempdir()) / "jungletrap-gpu-clips")
     parser.add_argument("--out", type=Path, default=None, help="also write the section as JSON here")
+    parser.add_argument("--sections", default="model,decode,stage", help="comma-separated subset to run")
     args = parser.parse_args(argv)
     import torch
 
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"bench.gpu: {what} failed: {errors[what]}", flush=True)
             return None
 
-    for name in ("efficientnet_lite0", "resnet152_skip"):
+    sections = set(args.sections.split(","))
+    for name in ("efficientnet_lite0", "resnet152_skip") if "model" in sections else ():
         for size in (224, 404):
             for mode in MODES:
                 key = f"model_fps_{name}_{size}_{mode.replace('+', '_')}"
@@ -202,13 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     result[key] = fps
                     rows.append((key, fps, f"frames/s, batch {args.batch}"))
     clips = seed_clips_parallel(args.clip_dir, args.clips)
-    decode = attempt("decode", lambda: measure_decode(clips[:8], args.repeats)) or {}
-    result.update(decode)
-    rows += [(k, v, "s per clip") for k, v in decode.items() if k.endswith("_s_per_video")]
-    stage = attempt("stage", lambda: measure_stage(clips, batch_size=128, repeats=args.repeats)) or {}
-    result.update(stage)
-    rows += [(k, v, f"{len(clips)} clips; decode_threads x codec_threads; files -> Parquet")
-             for k, v in stage.items() if k.startswith("stage_videos_per_s")]
+    if "decode" in sections:
+        decode = attempt("decode", lambda: measure_decode(clips[:8], args.repeats)) or {}
+        result.update(decode)
+        rows += [(k, v, "s per clip") for k, v in decode.items() if k.endswith("_s_per_video")]
+    if "stage" in sections:
+        stage = attempt("stage", lambda: measure_stage(clips, batch_size=128, repeats=args.repeats)) or {}
+        result.update(stage)
+        rows += [(k, v, f"{len(clips)} clips; decoders x FFmpeg threads each; files -> Parquet")
+                 for k, v in stage.items() if k.startswith("stage_videos_per_s")]
     lite = result.get("model_fps_efficientnet_lite0_224_bf16_channels_last")
     stages = [v for k, v in result.items() if k.startswith("stage_videos_per_s")]
     if lite and stages:

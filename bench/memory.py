@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -23,9 +22,10 @@ from typing import Any
 import psutil
 from distributed import Client, LocalCluster
 
-from bench.common import print_table, save_results
+from bench.common import print_table, save_results, worker_peak_rss_mib
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
+from jungletrap.decoding import allow_worker_subprocesses
 from jungletrap.embed import embed_catalog
 from jungletrap.synthetic import write_clip
 
@@ -45,10 +45,6 @@ def short_clips(n: int) -> list[Path]:
     return paths
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_size(clips: list[Path], *, per_partition: int, batch_size: int | None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     client_proc = psutil.Process()
@@ -57,6 +53,7 @@ def run_size(clips: list[Path], *, per_partition: int, batch_size: int | None) -
         write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=per_partition), catalog)
         cfg = EmbedConfig(backbone="efficientnet_lite0", sample_fps=1.0, max_seconds=1.0, batch_size=batch_size,
                           device="cpu")
+        allow_worker_subprocesses()  # as open_client does
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             client_before = client_proc.memory_info().rss
@@ -64,7 +61,7 @@ def run_size(clips: list[Path], *, per_partition: int, batch_size: int | None) -
             counts = embed_catalog(client, catalog, work / "embeddings", cfg)
             seconds = time.perf_counter() - start
             client_after = client_proc.memory_info().rss
-            peaks = client.run(_peak_rss_mib)
+            peaks = client.run(worker_peak_rss_mib)
         assert counts["failed"] == 0 and counts["embedded"] == len(clips), counts
         return {"videos": len(clips), "seconds": seconds, "worker_peak_rss_mib": max(peaks.values()),
                 "client_rss_growth_mib": (client_after - client_before) / 2**20}

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from distributed import Client, LocalCluster
 
+from jungletrap.decoding import allow_worker_subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_VIDEOS = REPO.parent / "shared" / "fixtures" / "real_videos"
 VIDEO_SUFFIXES = {".mp4", ".avi", ".asf", ".mkv"}
@@ -37,6 +39,7 @@ def real_video_paths() -> list[Path]:
 @pytest.fixture(scope="session")
 def dask_client() -> Iterator[Client]:
     """One LocalCluster for the suite: 2 worker processes (so pickling and worker imports are real)."""
+    allow_worker_subprocesses()  # as open_client does: workers run decoder processes
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         yield client
@@ -89,8 +92,9 @@ class DaskCLICluster:
         dask = str(Path(sys.executable).parent / "dask")
         log = (self.workdir / f"{name}.log").open("w")
         self._logs.append(log)
+        env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}  # as the README says: decoder processes
         self.procs.append(subprocess.Popen([dask, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                           start_new_session=True))
+                                           start_new_session=True, env=env))
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.workdir.glob("*.log")))

@@ -1,8 +1,9 @@
 """Embedding UDF: a catalog partition in, one row per video out (embeddings or an error), always.
 
 Stateful GPU/CPU work follows the callable-class UDF pattern: the backbone is built once per worker process
-(cached by backbone name and device) and reused for every partition that worker runs. Decoding runs ahead of
-inference in a small thread pool, and frames of several videos are batched together up to ``batch_size``.
+(cached by backbone name and device) and reused for every partition that worker runs. Clips decode ahead of
+inference in the worker's decoder processes (:mod:`jungletrap.decoding`), so the model thread runs nothing but
+the model; frames of several videos are batched together up to ``batch_size``.
 A broken video never raises out of the partition: it becomes a row with ``status="error"`` and the reason.
 """
 
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,8 @@ import torch
 
 from jungletrap.backbones import BackboneSpec, build_backbone, get_spec, preprocess
 from jungletrap.cluster import relax_malloc_trim, worker_nthreads
+from jungletrap.decoding import DecodedClip, DecodeJob, decode_in_order, decoder_processes_for
+from jungletrap.pixels import pixel_stats
 from jungletrap.schema import (
     CONTAINER_COLUMNS,
     EMBEDDING,
@@ -35,8 +37,6 @@ from jungletrap.schema import (
     STATUS_OK,
     VIDEO_ID,
 )
-from jungletrap.storage import open_clip
-from jungletrap.video import ClipInfo, VideoDecodeError, letterbox_box, read_clip
 
 __all__ = [
     "EMBED_SCHEMA",
@@ -75,9 +75,6 @@ EMBED_SCHEMA = pa.schema(
 )
 assert all(name in EMBED_SCHEMA.names for name in CONTAINER_COLUMNS)
 
-_MOTION_THRESHOLD = 0.02  # mean |difference| of grey levels (0..1) above which a frame pair "moves"
-
-
 @dataclass(frozen=True)
 class EmbedSettings:
     """Everything the UDF needs, picklable and hashable (the model cache key uses backbone and device)."""
@@ -91,7 +88,8 @@ class EmbedSettings:
     device: str
     decode_timeout_s: float
     prefetch_videos: int
-    decode_threads: int = 2
+    decode_threads: int = 2  # clips decoded at once in threads, where there are no decoder processes
+    decode_processes: int | None = None  # None: decoder_processes_for() picks by device; 0: threads
     codec_threads: int = 0  # FFmpeg threads per clip, 0 = FFmpeg's choice
     input_size: int | None = None  # None: the backbone's own input size
 
@@ -116,87 +114,6 @@ def _model(spec: BackboneSpec, device: str) -> torch.nn.Module:
                 relax_malloc_trim()
             _MODEL_CACHE[key] = build_backbone(spec, device)
         return _MODEL_CACHE[key]
-
-
-def pixel_stats(frames: np.ndarray, info: ClipInfo, size: int) -> dict[str, float]:
-    """Brightness, colour saturation and frame-to-frame motion of the sampled frames (letterbox excluded).
-
-    Channels are taken as three planes: numpy reductions over a length-3 last axis ran ~20x slower, and at
-    ~0.2 s a clip they were the embed stage's bottleneck on a GPU worker (bench/gpu.py).
-    """
-    box = _content(frames, info, size)
-    r, g, b = box[..., 0], box[..., 1], box[..., 2]
-    grey = (r.astype(np.float32) + g + b) * np.float32(1 / (3 * 255))
-    high = np.maximum(np.maximum(r, g), b)
-    low = np.minimum(np.minimum(r, g), b)
-    saturation = (high - low).astype(np.float32) / np.maximum(high, 1).astype(np.float32)  # 0 on black pixels
-    stats = {
-        "brightness_mean": float(grey.mean()),
-        "saturation_mean": float(saturation.mean()),
-        "motion_mean": float("nan"),
-        "motion_max": float("nan"),
-        "motion_p50": float("nan"),
-        "motion_p90": float("nan"),
-        "motion_frac": float("nan"),
-    }
-    if len(grey) > 1:  # one frame has no motion to measure: NaN, not zero
-        diff = np.abs(np.diff(grey, axis=0)).mean(axis=(1, 2))
-        stats.update(
-            motion_mean=float(diff.mean()),
-            motion_max=float(diff.max()),
-            motion_p50=float(np.percentile(diff, 50)),
-            motion_p90=float(np.percentile(diff, 90)),
-            motion_frac=float((diff > _MOTION_THRESHOLD).mean()),
-        )
-    return stats
-
-
-def _content(frames: np.ndarray, info: ClipInfo, size: int) -> np.ndarray:
-    """The frames without the letterbox bands (one pixel of margin against rounding)."""
-    if info.width <= 0 or info.height <= 0:
-        return frames
-    top, left, h, w = letterbox_box(info.width, info.height, size)
-    box = frames[:, top + 1 : top + h - 1, left + 1 : left + w - 1]
-    return box if box.size else frames
-
-
-def _decode(row: pd.Series, settings: EmbedSettings, size: int,
-            storage_options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, ClipInfo]:
-    with open_clip(row[PATH], storage_options) as source:  # a remote clip is read as a file object
-        return read_clip(
-            source,
-            sample_fps=settings.sample_fps,
-            max_seconds=settings.max_seconds,
-            n_frames=settings.n_frames,
-            size=size,
-            timeout_s=settings.decode_timeout_s,
-            threads=settings.codec_threads,
-        )
-
-
-def _decoded_clips(
-    rows: pd.DataFrame, settings: EmbedSettings, size: int, storage_options: Mapping[str, Any] | None = None
-) -> Iterator[tuple[int, np.ndarray | None, ClipInfo | None, str | None]]:
-    """Yield (position, frames, info, error) in order while a thread pool decodes the next clips."""
-    with ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode") as pool:
-        pending: list[tuple[int, Future[tuple[np.ndarray, ClipInfo]]]] = []
-        positions = iter(range(len(rows)))
-        for pos in positions:
-            pending.append((pos, pool.submit(_decode, rows.iloc[pos], settings, size, storage_options)))
-            if len(pending) >= settings.prefetch_videos:
-                break
-        while pending:
-            pos, fut = pending.pop(0)
-            nxt = next(positions, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_decode, rows.iloc[nxt], settings, size, storage_options)))
-            try:
-                frames, info = fut.result()
-                yield pos, frames, info, None
-            except VideoDecodeError as err:
-                yield pos, None, None, str(err)
-            except Exception as err:  # a decoder bug must still cost one row, not the partition
-                yield pos, None, None, f"{rows.iloc[pos][PATH]}: unexpected {type(err).__name__}: {err}"
 
 
 #: Frames per forward pass when ``embed.batch_size`` is null. On a GPU large batches fill the device. On a CPU
@@ -253,23 +170,34 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
             offset += n
         buffer.clear()
 
-    for pos, frames, info, error in _decoded_clips(rows, settings, size, storage_options):
+    jobs = [DecodeJob(source=str(path), sample_fps=settings.sample_fps, max_seconds=settings.max_seconds,
+                      n_frames=settings.n_frames, size=size, timeout_s=settings.decode_timeout_s,
+                      codec_threads=settings.codec_threads, storage_options=storage_options)
+            for path in rows[PATH]]
+    processes = decoder_processes_for(settings.decode_processes, device=device,
+                                      torch_threads=torch.get_num_threads(), gpus=_gpu_count(device))
+    for pos, clip, error in decode_in_order(jobs, processes=processes, threads=settings.decode_threads,
+                                            ahead=settings.prefetch_videos):
         row = rows.iloc[pos]
-        if error is not None or frames is None or info is None or len(frames) == 0:
+        if error is not None or clip is None or len(clip.frames) == 0:
             records[pos] = _error_record(row, error or f"{row[PATH]}: no frame could be decoded")
             continue
-        records[pos] = _ok_record(row, frames, info, size)
-        buffer.append((pos, frames))
+        records[pos] = _ok_record(row, clip)
+        buffer.append((pos, clip.frames))
         if sum(len(f) for _, f in buffer) >= batch_size_for(settings, device):
             flush()
     flush()
     return pd.DataFrame.from_records(records, columns=EMBED_SCHEMA.names)
 
 
-def _ok_record(row: pd.Series, frames: np.ndarray, info: ClipInfo, size: int) -> dict[str, Any]:
-    rec: dict[str, Any] = {VIDEO_ID: row[VIDEO_ID], N_FRAMES: len(frames), EMBEDDING: None}
-    rec.update({k: v for k, v in info.as_dict().items() if k in EMBED_SCHEMA.names})
-    rec.update(pixel_stats(frames, info, size))
+def _gpu_count(device: str) -> int:
+    return torch.cuda.device_count() if device.startswith("cuda") else 0
+
+
+def _ok_record(row: pd.Series, clip: DecodedClip) -> dict[str, Any]:
+    rec: dict[str, Any] = {VIDEO_ID: row[VIDEO_ID], N_FRAMES: len(clip.frames), EMBEDDING: None}
+    rec.update({k: v for k, v in clip.info.as_dict().items() if k in EMBED_SCHEMA.names})
+    rec.update(clip.pixel_stats)
     rec.update({STATUS: STATUS_OK, ERROR: None})
     return rec
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from distributed import Client, LocalCluster
 
 from jungletrap.config import ClusterConfig
+from jungletrap.decoding import allow_worker_subprocesses
 
 __all__ = [
     "ClusterError",
@@ -204,6 +205,7 @@ def open_client(
         if kind == "auto":
             kind = "cuda" if cuda_available() and _has_dask_cuda() else "cpu"
             log.info("cluster.kind=auto chose %s", kind)
+        allow_worker_subprocesses()  # embed workers run decoder processes (jungletrap.decoding)
         with _dashboard_origins(cfg) as local_cfg:
             cluster = _local_cuda_cluster(local_cfg) if kind == "cuda" else _local_cpu_cluster(local_cfg)
         client = Client(cluster)

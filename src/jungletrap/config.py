@@ -144,6 +144,7 @@ class EmbedConfig(_Section):
     decode_timeout_s: float = Field(120.0, gt=0)
     prefetch_videos: int = Field(4, ge=1, le=64)
     decode_threads: int = Field(2, ge=1, le=64)
+    decode_processes: int | None = Field(None, ge=0, le=128)
     codec_threads: int = Field(0, ge=0, le=64)
     input_size: int | None = Field(None, ge=32, le=1024)
     retries: int = Field(2, ge=0, le=10)

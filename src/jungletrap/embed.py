@@ -56,6 +56,7 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
         decode_timeout_s=cfg.decode_timeout_s,
         prefetch_videos=cfg.prefetch_videos,
         decode_threads=cfg.decode_threads,
+        decode_processes=cfg.decode_processes,
         codec_threads=cfg.codec_threads,
         input_size=cfg.input_size,
     )

@@ -79,8 +79,8 @@ def stage_hashes(cfg: JobConfig) -> dict[str, str]:
                     "format": file_stamp(cfg.data.submission_format, cfg.data.storage_options)},
         "embed": {"schema": EMBED_SCHEMA_VERSION,
                   **{k: v for k, v in cfg.embed.model_dump(mode="json").items()
-                     if k not in ("batch_size", "prefetch_videos", "decode_threads", "codec_threads",
-                                  "decode_timeout_s", "retries", "device")}},
+                     if k not in ("batch_size", "prefetch_videos", "decode_threads", "decode_processes",
+                                  "codec_threads", "decode_timeout_s", "retries", "device")}},
         "features": {"version": FEATURE_SET_VERSION, **cfg.features.model_dump(mode="json")},
         "train": {"train": cfg.train.model_dump(mode="json"), "seed": cfg.run.seed},
         "ensemble": cfg.ensemble.model_dump(mode="json"),

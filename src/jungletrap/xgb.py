@@ -142,6 +142,10 @@ def take_rows(X: da.Array, mask: np.ndarray) -> da.Array:
     return da.concatenate(blocks) if blocks else X[:0]
 
 
+#: How long a fold waits for a worker when none is connected (all lost or restarting) before it fails.
+WAIT_FOR_A_WORKER_S = 120.0
+
+
 def fold_workers(client: Client, n_rows: int, cfg: XGBConfig) -> list[str]:
     """The workers a fold trains on: as many as get ``cfg.min_rows_per_worker`` of its ``n_rows`` each, at least one.
 
@@ -149,6 +153,9 @@ def fold_workers(client: Client, n_rows: int, cfg: XGBConfig) -> list[str]:
     built from that placement).
     """
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if not workers:  # every worker is being replaced (lost, or restarted by its nanny): wait for one
+        client.wait_for_workers(1, timeout=WAIT_FOR_A_WORKER_S)
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     return workers[: max(1, min(len(workers), n_rows // cfg.min_rows_per_worker))]
 
 

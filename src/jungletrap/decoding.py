@@ -1,0 +1,298 @@
+"""Clip decoding for the embed UDF, off the model's thread: a pool of decoder processes per worker.
+
+Why processes and not threads: PyAV releases the GIL inside FFmpeg, but the frame loop, letterboxing and pixel
+statistics are Python and numpy that take it, and so does a CPU model's Python between its ops. Decode threads
+therefore slowed the model thread they were meant to feed (bench/embed.py, 2 vCPUs: stage / model-only 1.17;
+a GPU worker on 16 cores embedded 15 clips/s, decode-bound). Decoder processes have interpreters of their own.
+
+The processes are spawned (never forked from a process that runs torch threads), import no torch, ignore
+SIGINT (the driver decides when to stop) and exit when their worker dies. They also make decoding safer: a
+decoder that crashes or hangs inside FFmpeg is killed and replaced, and only its clip becomes an error row.
+
+A daemonic process cannot have children (multiprocessing's rule, and Dask's default ``distributed.worker.daemon:
+true``). There decoding falls back to threads in the worker with a warning; :func:`allow_worker_subprocesses`
+lets the clusters jungletrap starts have decoder processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import multiprocessing.util
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jungletrap.pixels import pixel_stats
+from jungletrap.storage import open_clip
+from jungletrap.video import ClipInfo, VideoDecodeError, read_clip
+
+__all__ = [
+    "DecodeJob",
+    "DecodedClip",
+    "allow_worker_subprocesses",
+    "can_spawn_processes",
+    "decode",
+    "decode_in_order",
+    "decoder_processes_for",
+    "decoder_pids",
+]
+
+log = logging.getLogger(__name__)
+
+#: A decoder process still busy this long past ``2 x timeout_s + HARD_TIMEOUT_GRACE_S`` is stuck (in a system
+#: call or FFmpeg, where the decoder's own timeout cannot fire) and is killed.
+HARD_TIMEOUT_GRACE_S = 5.0
+#: Decoder processes per worker are capped: each holds ~100 MB and a few clips of frames.
+MAX_AUTO_PROCESSES = 32
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One clip to decode: plain values only, so a decoder process never imports torch to unpickle it."""
+
+    source: str
+    sample_fps: float
+    max_seconds: float
+    n_frames: int | None
+    size: int
+    timeout_s: float
+    codec_threads: int = 0
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)  # may hold credentials
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    """The sampled frames (T x size x size x 3 uint8), the container facts and the pixel statistics."""
+
+    frames: np.ndarray
+    info: ClipInfo
+    pixel_stats: dict[str, float]
+
+
+def decode(job: DecodeJob) -> DecodedClip:
+    """Decode and sample one clip; raises :class:`VideoDecodeError` naming the file on bad input."""
+    with open_clip(job.source, job.storage_options) as source:  # a remote clip is read as a file object
+        frames, info = read_clip(source, sample_fps=job.sample_fps, max_seconds=job.max_seconds,
+                                 n_frames=job.n_frames, size=job.size, timeout_s=job.timeout_s,
+                                 threads=job.codec_threads)
+    return DecodedClip(frames, info, pixel_stats(frames, info, job.size))
+
+
+def allow_worker_subprocesses() -> None:
+    """Start Dask workers as non-daemonic processes from now on, so that they may run decoder processes.
+
+    Sets ``distributed.worker.daemon: false`` in this process's Dask config (the nanny reads it whenever it
+    starts or restarts a worker). For ``dask worker`` on other machines set ``DASK_DISTRIBUTED__WORKER__DAEMON=False``.
+    """
+    import dask
+
+    dask.config.set({"distributed.worker.daemon": False})
+
+
+def can_spawn_processes() -> bool:
+    """False in a daemonic process (a Dask worker under the default config), which may not have children."""
+    return not multiprocessing.current_process().daemon
+
+
+def decoder_processes_for(setting: int | None, *, device: str, torch_threads: int, gpus: int = 1) -> int:
+    """How many decoder processes a worker runs: the configured number, or one per four CPU torch threads
+    (a clip decodes in ~0.2 core-seconds, Lite0 needs ~0.9 per clip and thread), or on a GPU worker every
+    core of its share of the machine but one (the GPU outruns any number of CPU decoders)."""
+    if setting is not None:
+        return setting
+    if device.startswith("cuda"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        return max(1, min(MAX_AUTO_PROCESSES, cores // max(1, gpus) - 1))
+    return max(1, math.ceil(torch_threads / 4))
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Decoder process initializer: ignore Ctrl-C and exit as soon as the worker that started it is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+class _DecoderProcesses:
+    """A worker's pool of decoder processes, shared by its tasks and replaced whole when one of them dies."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._lock = threading.Lock()
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+    def replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        """Kill ``broken``'s processes and start a new pool (once, however many tasks saw it break)."""
+        with self._lock:
+            if self.pool is broken:
+                self.close()
+                self.pool = self._new_pool()
+            return self.pool
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self.pool._processes or {}).values() if p.pid is not None]
+
+    def close(self) -> None:
+        """Stop the decoders now: they hold nothing but clips of tasks that are over."""
+        for process in list((self.pool._processes or {}).values()):  # no public kill() before Python 3.14
+            if process.is_alive():
+                process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_POOLS: dict[int, _DecoderProcesses] = {}
+_POOLS_LOCK = threading.Lock()
+_warned_daemonic = False
+
+
+def _close_pools() -> None:
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.close()
+        _POOLS.clear()
+
+
+def _decoder_processes(n: int) -> _DecoderProcesses:
+    with _POOLS_LOCK:
+        if not _POOLS:
+            # A process that exits joins its non-daemonic children *before* the executor's own exit hook tells
+            # them to stop, so a Dask worker would hang until its nanny killed it: stop them first.
+            multiprocessing.util.Finalize(None, _close_pools, exitpriority=10)
+        if n not in _POOLS:
+            _POOLS[n] = _DecoderProcesses(n)
+        return _POOLS[n]
+
+
+def decoder_pids(processes: int | None = None) -> list[int]:
+    """PIDs of this process's decoder processes, or of its pool of ``processes`` (tests and diagnostics)."""
+    with _POOLS_LOCK:
+        return [pid for n, pool in _POOLS.items() if processes in (None, n) for pid in pool.pids()]
+
+
+Decoded = tuple[int, DecodedClip | None, str | None]
+
+
+def decode_in_order(jobs: Sequence[DecodeJob], *, processes: int, threads: int, ahead: int) -> Iterator[Decoded]:
+    """Yield ``(position, clip, None)`` or ``(position, None, error)`` for every job, in order, while up to
+    ``ahead`` later clips decode: in ``processes`` decoder processes, or (``processes == 0``, or a daemonic
+    worker) in ``threads`` threads of this process."""
+    global _warned_daemonic
+    if processes > 0 and not can_spawn_processes():
+        if not _warned_daemonic:
+            log.warning("embed: this Dask worker is a daemonic process and may not start decoder processes, so "
+                        "clips decode in threads that share the model's GIL (slower). Start workers with "
+                        "DASK_DISTRIBUTED__WORKER__DAEMON=False (clusters jungletrap starts do this).")
+            _warned_daemonic = True
+        processes = 0
+    if processes > 0:
+        yield from _decode_in_processes(jobs, _decoder_processes(processes), max(ahead, 2 * processes))
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        yield from _decode_with(pool, jobs, max(ahead, threads))
+
+
+def _outcome(job: DecodeJob, future: Future[DecodedClip], timeout_s: float | None = None) -> DecodedClip | str:
+    try:
+        return future.result(timeout=timeout_s)
+    except VideoDecodeError as err:
+        return str(err)
+    except (BrokenProcessPool, FutureTimeout):
+        raise
+    except Exception as err:  # a decoder bug must still cost one row, not the partition
+        return f"{job.source}: unexpected {type(err).__name__}: {err}"
+
+
+def _as_decoded(pos: int, outcome: DecodedClip | str) -> Decoded:
+    return (pos, None, outcome) if isinstance(outcome, str) else (pos, outcome, None)
+
+
+def _decode_with(pool: Executor, jobs: Sequence[DecodeJob], ahead: int) -> Iterator[Decoded]:
+    pending: deque[tuple[int, Future[DecodedClip]]] = deque()
+    positions = iter(range(len(jobs)))
+    for pos in positions:
+        pending.append((pos, pool.submit(decode, jobs[pos])))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        pos, future = pending.popleft()
+        outcome = _outcome(jobs[pos], future)
+        nxt = next(positions, None)
+        if nxt is not None:  # keep the pool busy while the caller runs the model
+            pending.append((nxt, pool.submit(decode, jobs[nxt])))
+        yield _as_decoded(pos, outcome)
+
+
+def _hard_limit_s(job: DecodeJob) -> float:
+    return 2 * job.timeout_s + HARD_TIMEOUT_GRACE_S
+
+
+def _decode_in_processes(jobs: Sequence[DecodeJob], workers: _DecoderProcesses, ahead: int) -> Iterator[Decoded]:
+    pool = workers.pool
+    pending: deque[tuple[int, Future[DecodedClip]]] = deque()
+    positions = iter(range(len(jobs)))
+
+    def fill() -> None:
+        while len(pending) < ahead and (pos := next(positions, None)) is not None:
+            pending.append((pos, pool.submit(decode, jobs[pos])))
+
+    def resubmit() -> None:
+        """Send what the old pool had not finished to the current one."""
+        nonlocal pool
+        pool = workers.pool
+        for i, (pos, future) in enumerate(pending):
+            if not (future.done() and not future.cancelled() and future.exception() is None):
+                pending[i] = (pos, pool.submit(decode, jobs[pos]))
+
+    fill()
+    while pending:
+        pos, future = pending.popleft()
+        job = jobs[pos]
+        try:
+            outcome = _outcome(job, future, _hard_limit_s(job))
+        except FutureTimeout:
+            workers.replace(pool)
+            outcome = (f"{job.source}: decoding did not finish within {_hard_limit_s(job):.0f} s "
+                       "(decode_timeout_s x 2 + grace); its decoder process was killed")
+            resubmit()
+        except BrokenProcessPool:  # some decoder died: this clip's, or another one's in the same pool
+            workers.replace(pool)
+            outcome = _decode_alone(job, workers)
+            resubmit()
+        fill()
+        yield _as_decoded(pos, outcome)
+
+
+def _decode_alone(job: DecodeJob, workers: _DecoderProcesses) -> DecodedClip | str:
+    """Retry a clip whose pool broke while it was in flight, with nothing else running: if its decoder dies
+    again the clip is the cause and becomes an error row."""
+    pool = workers.pool
+    try:
+        return _outcome(job, pool.submit(decode, job), _hard_limit_s(job))
+    except FutureTimeout:
+        workers.replace(pool)
+        return (f"{job.source}: decoding did not finish within {_hard_limit_s(job):.0f} s; "
+                "its decoder process was killed")
+    except BrokenProcessPool:
+        workers.replace(pool)
+        return f"{job.source}: the decoder process crashed on this clip (twice); FFmpeg could not read it"
