@@ -7,9 +7,12 @@ training rows only and saved beside the weights, so prediction applies exactly t
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +102,21 @@ def _data(inputs: HeadInputs, rows: np.ndarray, scaler: MetaScaler, cfg: HeadCon
     return HeadData(frames=frames, mask=mask, meta=meta, labels=labels)
 
 
+def _import_torch_dynamo() -> None:
+    """Import ``torch._dynamo`` on a helper thread, once per process, before the fold builds its optimizer.
+
+    ``torch.optim`` imports it lazily on the first optimizer (``torch._compile``), a chain of nested imports
+    (sympy among them) about 100 frames deep. Run in the task's thread, Dask's statistical profiler records
+    that stack, and a worker profile nested that deep makes ``dask.sizeof`` hit RecursionError (dask/distributed
+    #8578): the stage's performance report then logs "Sizeof calculation for object of type 'dict' failed" once
+    per worker. The profiler does not sample helper threads; the import's time still shows, under this function.
+    """
+    if "torch._dynamo" in sys.modules:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jungletrap-import") as pool:
+        pool.submit(importlib.import_module, "torch._dynamo").result()
+
+
 def train_head_fold(
     catalog_path: RunPath | str,
     embed_dir: RunPath | str,
@@ -110,6 +128,7 @@ def train_head_fold(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Dask task: fit the head on the other folds, predict the held-out fold and the test clips, save weights."""
+    _import_torch_dynamo()
     torch.set_num_threads(max(cfg.torch_threads, worker_nthreads()))
     inputs = load_head_inputs(run_path(embed_dir), run_path(features_dir))
     catalog = read_parquet(catalog_path, columns=[VIDEO_ID, SPLIT, FOLD, *CLASS_NAMES]).set_index(VIDEO_ID)
