@@ -57,7 +57,7 @@ def machine() -> dict[str, Any]:
 
 def print_table(title: str, rows: list[tuple[str, Any, str]]) -> None:
     print(f"\n{title}")
-    width = max(len(r[0]) for r in rows)
+    width = max((len(r[0]) for r in rows), default=0)
     for key, value, note in rows:
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {shown:>12}  {note}")

@@ -14,6 +14,9 @@ sampling (3 fps x 15 s of 640x360 30 fps H.264, 224x224 input) it measures, in o
 - ``scaling_2_over_1``: stage throughput on 2 workers x 1 thread over 1 worker x 1 thread (target >= 1.8), the
   same two-partition catalog on both;
 - frames/s of the model and the worker's peak RSS (see bench/memory.py for RSS against catalog size).
+
+torch is imported inside the functions, not by this module: decoder processes are spawned and import the main
+module (``python -m bench.embed`` makes it this one), which must stay light.
 """
 
 from __future__ import annotations
@@ -25,12 +28,11 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from distributed import Client, LocalCluster
-from jungletrap.udfs.embed import EmbedSettings
 
 from bench.common import (
     MAX_SECONDS,
@@ -41,12 +43,13 @@ from bench.common import (
     seed_clips,
     worker_peak_rss_mib,
 )
-from jungletrap.backbones import get_spec
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
 from jungletrap.decoding import allow_worker_subprocesses
-from jungletrap.embed import embed_catalog, embed_settings
 from jungletrap.video import read_clip
+
+if TYPE_CHECKING:
+    from jungletrap.udfs.embed import EmbedSettings
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -107,6 +110,8 @@ def _model_only_seconds(clips: list[str], settings: EmbedSettings) -> float:
     """On the worker: decode the clips (untimed), then time the UDF's own model call on all their frames."""
     from jungletrap.udfs.embed import _model, _run_model, resolve_device
 
+    from jungletrap.backbones import get_spec
+
     spec = get_spec(settings.backbone)
     device = resolve_device(settings.device)
     frames = np.concatenate([read_clip(p, sample_fps=settings.sample_fps, max_seconds=settings.max_seconds,
@@ -117,7 +122,19 @@ def _model_only_seconds(clips: list[str], settings: EmbedSettings) -> float:
     return time.perf_counter() - start
 
 
+def _warm(path: str, settings: EmbedSettings) -> None:
+    """On every worker: build the model and start the decoder processes, so no timed run pays for either
+    (Dask need not place a warm-up partition on each worker)."""
+    import pandas as pd
+    from jungletrap.udfs.embed import embed_partition
+
+    rows = pd.DataFrame({"video_id": ["warm"], "path": [path], "size_bytes": [os.path.getsize(path)]})
+    assert (embed_partition(rows, settings=settings)["status"] == "ok").all()
+
+
 def _stage_seconds(client: Client, catalog: Path, out: Path, cfg: EmbedConfig) -> float:
+    from jungletrap.embed import embed_catalog
+
     start = time.perf_counter()
     counts = embed_catalog(client, catalog, out, cfg)
     assert counts["failed"] == 0, counts
@@ -125,6 +142,9 @@ def _stage_seconds(client: Client, catalog: Path, out: Path, cfg: EmbedConfig) -
 
 
 def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int | None) -> dict[str, Any]:
+    from jungletrap.backbones import get_spec
+    from jungletrap.embed import embed_settings
+
     spec = get_spec(backbone)
     n = len(clips)
     ours = lambda: [read_clip(p, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, size=spec.input_size)  # noqa: E731
@@ -157,6 +177,7 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             paths = [str(p) for p in clips]
+            client.run(_warm, paths[0], settings)
             model_times, stage_times, threads_times, one_times = [], [], [], []
             for r in range(repeats + 1):  # the first round warms the model cache and the page cache
                 model_s = client.submit(_model_only_seconds, paths, settings, pure=False).result()
@@ -171,6 +192,7 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
             rss = max(client.run(worker_peak_rss_mib).values())
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+            client.run(_warm, str(clips[0]), settings)
             _stage_seconds(client, halves, work / f"out{next(runs)}", cfg)
             two_times = [_stage_seconds(client, halves, work / f"out{next(runs)}", cfg) for _ in range(repeats)]
     finally:

@@ -8,6 +8,7 @@ sampling (3 fps x 15 s):
   with channels_last; uint8 frames already on the GPU, preprocessing included, timed with CUDA events;
 - ``decode``: seconds per clip for ``read_clip`` on the CPU, a full CPU decode, and a full NVDEC decode (PyAV's
   ``hwaccel="cuda"``) when FFmpeg can open the device;
+- ``ceiling``: ``read_clip`` on one FFmpeg thread, and the clips/s all cores but one could decode at that cost;
 - ``stage``: the embed stage through Dask on a one-GPU LocalCUDACluster, files to Parquet, for several splits of
   the CPU cores (:data:`STAGE_VARIANTS`): decode threads in the worker (``embed.decode_threads``) or decoder
   processes (``embed.decode_processes``), times FFmpeg threads per clip (``embed.codec_threads``); and its ratio
@@ -130,18 +131,30 @@ def measure_decode(clips: list[Path], repeats: int) -> dict[str, Any]:
     return out
 
 
-#: (clips decoded at once, FFmpeg threads per clip) tried for the stage: one clip on all cores, then the cores split.
-#: Ways to split a GPU worker's CPU cores for decoding: (tag, embed config keys). ``threads``: clips decoded at once
-#: in threads of the worker x FFmpeg threads each; ``processes``: decoder processes (auto: all cores but one).
-STAGE_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("threads_4x4", {"decode_processes": 0, "decode_threads": 4, "codec_threads": 4, "prefetch_videos": 8}),
-    ("processes_auto_x1", {"decode_processes": None, "codec_threads": 1}),
-    ("processes_8x2", {"decode_processes": 8, "codec_threads": 2}),
+#: Ways to split a GPU worker's CPU cores for decoding, and partition sizes: (tag, clips per partition, embed
+#: config keys). ``threads``: clips decoded at once in threads of the worker x FFmpeg threads each; ``processes``:
+#: decoder processes (auto: all cores but one) x FFmpeg threads each. The worker runs one partition at a time, so
+#: each partition boundary drains the decoders: small partitions show that cost.
+STAGE_VARIANTS: tuple[tuple[str, int, dict[str, Any]], ...] = (
+    ("threads_4x4_part64", 64, {"decode_processes": 0, "decode_threads": 4, "codec_threads": 4,
+                                "prefetch_videos": 8}),
+    ("processes_auto_x1_part16", 16, {"decode_processes": None, "codec_threads": 1}),
+    ("processes_auto_x1_part64", 64, {"decode_processes": None, "codec_threads": 1}),
 )
 
 
+def decode_ceiling(clips: list[Path], repeats: int) -> dict[str, Any]:
+    """``read_clip`` on one FFmpeg thread, and the clips/s that all cores but one could decode at that cost."""
+    from jungletrap.video import read_clip
+
+    seconds = median_seconds(lambda: [read_clip(p, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, size=224,
+                                                threads=1) for p in clips], repeats=repeats)[0] / len(clips)
+    cores = len(os.sched_getaffinity(0))
+    return {"read_clip_1_thread_s_per_video": seconds, "decode_ceiling_videos_per_s": (cores - 1) / seconds}
+
+
 def measure_stage(clips: list[Path], *, batch_size: int, repeats: int,
-                  variants: tuple[tuple[str, dict[str, Any]], ...] = STAGE_VARIANTS) -> dict[str, Any]:
+                  variants: tuple[tuple[str, int, dict[str, Any]], ...] = STAGE_VARIANTS) -> dict[str, Any]:
     """Videos/s of the embed stage on a one-GPU LocalCUDACluster for each of :data:`STAGE_VARIANTS`."""
     from jungletrap.catalog import catalog_from_paths, write_catalog
     from jungletrap.cluster import open_client
@@ -151,12 +164,12 @@ def measure_stage(clips: list[Path], *, batch_size: int, repeats: int,
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     out: dict[str, Any] = {}
     try:
-        catalog = work / "catalog.parquet"
-        write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=max(1, len(clips) // 4)),
-                      catalog)
         with open_client(ClusterConfig(kind="cuda", threads_per_worker=1)) as (client, info):
             out["workers"] = info.n_workers
-            for tag, keys in variants:
+            for tag, per_partition, keys in variants:
+                catalog = work / f"catalog-{per_partition}.parquet"
+                write_catalog(catalog_from_paths(clips, clips[0].parent, videos_per_partition=per_partition),
+                              catalog)
                 cfg = EmbedConfig(backbone="efficientnet_lite0", sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS,
                                   batch_size=batch_size, device="cuda", **keys)
                 embed_catalog(client, catalog, work / f"warm-{tag}", cfg)
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clip-dir", type=Path, default=Path(tempfile.gettempdir()) / "jungletrap-gpu-clips")
     parser.add_argument("--out", type=Path, default=None, help="also write the section as JSON here")
-    parser.add_argument("--sections", default="model,decode,stage", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="model,decode,ceiling,stage", help="comma-separated subset to run")
     args = parser.parse_args(argv)
     import torch
 
@@ -214,6 +227,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         decode = attempt("decode", lambda: measure_decode(clips[:8], args.repeats)) or {}
         result.update(decode)
         rows += [(k, v, "s per clip") for k, v in decode.items() if k.endswith("_s_per_video")]
+    if "ceiling" in sections:
+        ceiling = attempt("ceiling", lambda: decode_ceiling(clips[:8], args.repeats)) or {}
+        result.update(ceiling)
+        if ceiling:
+            rows += [("read_clip_1_thread_s_per_video", ceiling["read_clip_1_thread_s_per_video"],
+                      "s per clip, one FFmpeg thread"),
+                     ("decode_ceiling_videos_per_s", ceiling["decode_ceiling_videos_per_s"],
+                      "all cores but one decoding: the stage's CPU bound")]
     if "stage" in sections:
         stage = attempt("stage", lambda: measure_stage(clips, batch_size=128, repeats=args.repeats)) or {}
         result.update(stage)

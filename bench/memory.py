@@ -26,7 +26,6 @@ from bench.common import print_table, save_results, worker_peak_rss_mib
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
 from jungletrap.decoding import allow_worker_subprocesses
-from jungletrap.embed import embed_catalog
 from jungletrap.synthetic import write_clip
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "memory_clips"
@@ -46,6 +45,8 @@ def short_clips(n: int) -> list[Path]:
 
 
 def run_size(clips: list[Path], *, per_partition: int, batch_size: int | None) -> dict[str, Any]:
+    from jungletrap.embed import embed_catalog  # torch: decoder processes import the main module, keep it light
+
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     client_proc = psutil.Process()
     try:

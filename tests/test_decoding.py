@@ -81,6 +81,8 @@ def test_processes_give_the_same_frames_in_order_with_error_rows(tmp_path: Path)
         assert clip.info == reference.info and clip.pixel_stats == pytest.approx(reference.pixel_stats, nan_ok=True)
     for (_, clip, error), path in zip(out[-2:], paths[-2:], strict=True):
         assert clip is None and error is not None and str(path) in error
+    for pid in decoder_pids(2):  # decoders import no torch (~300 MB each): pytest's main module is light
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
 
 
 def test_a_decoder_stuck_in_a_read_is_killed_and_the_next_clips_decode(silent_endpoint: str) -> None:
