@@ -26,6 +26,7 @@ SUMMARY: dict[str, tuple[str, str, tuple[str, float] | None]] = {
     "stage_s_per_video": ("embed", "stage_s_per_video", None),
     "stage_over_model": ("embed", "stage_over_model", ("<=", 1.1)),
     "scaling_2_over_1": ("embed", "scaling_2_over_1", (">=", 1.8)),
+    "model_parallel_ceiling": ("embed", "model_parallel_ceiling", None),
     "peak_rss_mib_small": ("memory", "peak_rss_mib_small", None),
     "peak_rss_mib_large": ("memory", "peak_rss_mib_large", None),
     "peak_rss_growth": ("memory", "peak_rss_growth", ("<=", 0.10)),

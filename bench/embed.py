@@ -12,7 +12,8 @@ sampling (3 fps x 15 s of 640x360 30 fps H.264, 224x224 input) it measures, in o
   ``stage_over_model`` = stage / model-only (target <= 1.1: decode and I/O hidden behind inference). Model-only
   and stage runs alternate, so load from elsewhere hits both alike;
 - ``scaling_2_over_1``: stage throughput on 2 workers x 1 thread over 1 worker x 1 thread (target >= 1.8), the
-  same two-partition catalog on both;
+  same two-partition catalog on both; beside it ``model_parallel_ceiling``: model-only throughput of both
+  workers at once over one alone, which the stage cannot beat (and ``cpu_parallel_ceiling``, pure Python);
 - frames/s of the model and the worker's peak RSS (see bench/memory.py for RSS against catalog size).
 
 torch is imported inside the functions, not by this module: decoder processes are spawned and import the main
@@ -132,6 +133,25 @@ def _warm(path: str, settings: EmbedSettings) -> None:
     assert (embed_partition(rows, settings=settings)["status"] == "ok").all()
 
 
+def _models_alone_and_together(client: Client, paths: list[str], settings: EmbedSettings,
+                               repeats: int) -> tuple[list[float], list[float]]:
+    """Model-only seconds on half the clips: on one worker alone, then on both workers at once (the slower).
+
+    What two workers' models get from this machine at once: shared caches, memory bandwidth, SMT siblings. The
+    stage's ``scaling_2_over_1`` cannot beat ``model_parallel_ceiling`` = 2 x alone / together.
+    """
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    half = len(paths) // 2
+    alone, together = [], []
+    for _ in range(repeats):
+        alone.append(client.submit(_model_only_seconds, paths[:half], settings, workers=workers[:1],
+                                   pure=False).result())
+        both = [client.submit(_model_only_seconds, paths[i * half:(i + 1) * half], settings, workers=[w],
+                              pure=False) for i, w in enumerate(workers[:2])]
+        together.append(max(f.result() for f in both))
+    return alone, together
+
+
 def _stage_seconds(client: Client, catalog: Path, out: Path, cfg: EmbedConfig) -> float:
     from jungletrap.embed import embed_catalog
 
@@ -195,10 +215,12 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
             client.run(_warm, str(clips[0]), settings)
             _stage_seconds(client, halves, work / f"out{next(runs)}", cfg)
             two_times = [_stage_seconds(client, halves, work / f"out{next(runs)}", cfg) for _ in range(repeats)]
+            alone_times, together_times = _models_alone_and_together(client, [str(p) for p in clips], settings,
+                                                                    repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    model_s, stage_s, threads_s, one_s, two_s = (statistics.median(t) for t in (
-        model_times, stage_times, threads_times, one_times, two_times))
+    model_s, stage_s, threads_s, one_s, two_s, alone_s, together_s = (statistics.median(t) for t in (
+        model_times, stage_times, threads_times, one_times, two_times, alone_times, together_times))
     return {
         "backbone": backbone,
         "videos": n,
@@ -219,9 +241,11 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         "stage_2_workers_s_per_video": two_s / n,
         "scaling_2_over_1": one_s / two_s,
         "cpu_parallel_ceiling": ceiling,
+        "model_parallel_ceiling": 2 * alone_s / together_s,
         "stage_worker_peak_rss_mib": rss,
         "raw_seconds": {"model": model_times, "stage": stage_times, "stage_decode_threads": threads_times,
-                        "stage_2_parts_1_worker": one_times,
+                        "stage_2_parts_1_worker": one_times, "model_alone": alone_times,
+                        "model_together": together_times,
                         "stage_2_parts_2_workers": two_times},
         "load_avg_1m": os.getloadavg()[0],
     }
@@ -258,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("stage_2_workers_s_per_video", result["stage_2_workers_s_per_video"], "2 workers x 1 thread"),
         ("scaling_2_over_1", result["scaling_2_over_1"], "target >= 1.8"),
         ("cpu_parallel_ceiling", result["cpu_parallel_ceiling"], "2 processes spinning vs 1: this machine's cap"),
+        ("model_parallel_ceiling", result["model_parallel_ceiling"],
+         "2 workers' models at once vs 1 alone (model-only): the cap for scaling_2_over_1"),
         ("stage_worker_peak_rss_mib", result["stage_worker_peak_rss_mib"], "worker + its decoder processes"),
     ])
     save_results("embed", result)
