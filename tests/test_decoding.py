@@ -234,3 +234,36 @@ def test_a_worker_with_decoder_processes_exits_when_asked(caplog: pytest.LogCapt
             assert len(pids) >= 1
     assert not [r for r in caplog.records if "still alive" in r.getMessage()]
     assert not any(_alive(p) for p in pids)
+
+
+def test_two_tasks_sharing_a_pool_survive_its_decoders_being_killed() -> None:
+    """A worker with two threads runs two partitions on one pool: when its decoders die, whichever task sees it
+    first replaces the pool, and the other task's clips (cancelled or broken with the old pool) are decoded
+    again, not turned into error rows."""
+    paths = real_video_paths()
+    jobs = [_job(p) for p in paths * 6]
+    results: dict[str, list] = {"a": [], "b": []}
+    started = threading.Barrier(3)
+
+    def run(name: str) -> None:
+        for i, item in enumerate(decode_in_order(jobs, processes=3, threads=1, ahead=6)):
+            results[name].append(item)
+            if i == 0:
+                started.wait()  # both tasks have their first clip, and more queued and in flight
+
+    tasks = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for task in tasks:
+        task.start()
+    started.wait(timeout=60)
+    killed = decoder_pids(3)
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    for task in tasks:
+        task.join(timeout=300)
+    reference = {str(p): decode(_job(p)).frames for p in paths}
+    assert killed
+    for name in ("a", "b"):
+        assert [pos for pos, _, _ in results[name]] == list(range(len(jobs)))
+        for (_, clip, error), job in zip(results[name], jobs, strict=True):
+            assert error is None, error
+            assert np.array_equal(clip.frames, reference[job.source])

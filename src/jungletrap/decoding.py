@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -217,7 +217,7 @@ def _outcome(job: DecodeJob, future: Future[DecodedClip], timeout_s: float | Non
         return future.result(timeout=timeout_s)
     except VideoDecodeError as err:
         return str(err)
-    except (BrokenProcessPool, FutureTimeout):
+    except (BrokenProcessPool, FutureTimeout, CancelledError):
         raise
     except Exception as err:  # a decoder bug must still cost one row, not the partition
         return f"{job.source}: unexpected {type(err).__name__}: {err}"
@@ -247,52 +247,92 @@ def _hard_limit_s(job: DecodeJob) -> float:
     return 2 * job.timeout_s + HARD_TIMEOUT_GRACE_S
 
 
+def _wait(job: DecodeJob, future: Future[DecodedClip], pool: ProcessPoolExecutor,
+          workers: _DecoderProcesses) -> DecodedClip | str:
+    """The clip's outcome, or FutureTimeout past the hard limit, or CancelledError when its pool was replaced
+    while it waited: a replaced pool's processes are dead, and a future sent to it just as it broke may never
+    be settled (the executor's broken flag and its submit race), so it is sent again rather than waited for."""
+    deadline = time.monotonic() + _hard_limit_s(job)
+    while True:
+        try:
+            return _outcome(job, future, min(1.0, max(0.0, deadline - time.monotonic())))
+        except FutureTimeout:
+            if time.monotonic() >= deadline:
+                raise
+            if pool is not workers.pool and not future.done():
+                raise CancelledError from None
+
+
+def _succeeded(future: Future[DecodedClip]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 def _decode_in_processes(jobs: Sequence[DecodeJob], workers: _DecoderProcesses, ahead: int) -> Iterator[Decoded]:
-    pool = workers.pool
-    pending: deque[tuple[int, Future[DecodedClip]]] = deque()
+    """The process side of :func:`decode_in_order`. Another task of the same worker may replace the shared pool
+    at any time, so every future is kept with the pool it was sent to, and what a replaced pool had not
+    finished (broken, or cancelled by the shutdown) is sent again to the current one."""
+    pending: deque[tuple[int, Future[DecodedClip], ProcessPoolExecutor]] = deque()
     positions = iter(range(len(jobs)))
+
+    def submit(pos: int) -> tuple[int, Future[DecodedClip], ProcessPoolExecutor]:
+        pool = workers.pool
+        try:
+            return pos, pool.submit(decode, jobs[pos]), pool
+        except (BrokenProcessPool, RuntimeError):  # broken, or shut down by another task's replacement
+            pool = workers.replace(pool)
+            return pos, pool.submit(decode, jobs[pos]), pool
 
     def fill() -> None:
         while len(pending) < ahead and (pos := next(positions, None)) is not None:
-            pending.append((pos, pool.submit(decode, jobs[pos])))
+            pending.append(submit(pos))
 
     def resubmit() -> None:
-        """Send what the old pool had not finished to the current one."""
-        nonlocal pool
-        pool = workers.pool
-        for i, (pos, future) in enumerate(pending):
-            if not (future.done() and not future.cancelled() and future.exception() is None):
-                pending[i] = (pos, pool.submit(decode, jobs[pos]))
+        """Send what a replaced pool had not finished to the current one."""
+        for i, (pos, future, pool) in enumerate(pending):
+            if pool is not workers.pool and not _succeeded(future):
+                pending[i] = submit(pos)
 
     fill()
     while pending:
-        pos, future = pending.popleft()
+        pos, future, pool = pending.popleft()
         job = jobs[pos]
         try:
-            outcome = _outcome(job, future, _hard_limit_s(job))
+            outcome = _wait(job, future, pool, workers)
+        except CancelledError:  # the pool was replaced before this clip was decoded: send it again
+            pending.appendleft(submit(pos))
+            resubmit()
+            continue
         except FutureTimeout:
             workers.replace(pool)
             outcome = (f"{job.source}: decoding did not finish within {_hard_limit_s(job):.0f} s "
                        "(decode_timeout_s x 2 + grace); its decoder process was killed")
-            resubmit()
         except BrokenProcessPool:  # some decoder died: this clip's, or another one's in the same pool
             workers.replace(pool)
             outcome = _decode_alone(job, workers)
-            resubmit()
+        resubmit()
         fill()
         yield _as_decoded(pos, outcome)
 
 
 def _decode_alone(job: DecodeJob, workers: _DecoderProcesses) -> DecodedClip | str:
-    """Retry a clip whose pool broke while it was in flight, with nothing else running: if its decoder dies
-    again the clip is the cause and becomes an error row."""
-    pool = workers.pool
-    try:
-        return _outcome(job, pool.submit(decode, job), _hard_limit_s(job))
-    except FutureTimeout:
-        workers.replace(pool)
-        return (f"{job.source}: decoding did not finish within {_hard_limit_s(job):.0f} s; "
-                "its decoder process was killed")
-    except BrokenProcessPool:
-        workers.replace(pool)
-        return f"{job.source}: the decoder process crashed on this clip (twice); FFmpeg could not read it"
+    """Retry a clip whose pool broke while it was in flight, with nothing else of this task running: if its
+    decoder dies again the clip is taken to be the cause and becomes an error row."""
+    for _ in range(3):  # another task replacing the shared pool meanwhile is not this clip's doing
+        pool = workers.pool
+        try:
+            future = pool.submit(decode, job)
+        except RuntimeError:  # broken or shut down meanwhile (BrokenProcessPool is a RuntimeError)
+            workers.replace(pool)
+            continue
+        try:
+            return _wait(job, future, pool, workers)
+        except CancelledError:
+            continue
+        except FutureTimeout:
+            workers.replace(pool)
+            return (f"{job.source}: decoding did not finish within {_hard_limit_s(job):.0f} s; "
+                    "its decoder process was killed")
+        except BrokenProcessPool:
+            workers.replace(pool)
+            return f"{job.source}: the decoder process crashed on this clip (twice); FFmpeg could not read it"
+    return f"{job.source}: not decoded: the worker's decoder processes kept failing"
