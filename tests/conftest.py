@@ -15,7 +15,8 @@ from distributed import Client, LocalCluster
 from jungletrap.decoding import allow_worker_subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_VIDEOS = REPO.parent / "shared" / "fixtures" / "real_videos"
+#: The real camera-trap clips, vendored from zamba's test fixtures (MIT; LICENSE and README.md beside them).
+REAL_VIDEOS = REPO / "tests" / "fixtures" / "real_videos"
 VIDEO_SUFFIXES = {".mp4", ".avi", ".asf", ".mkv"}
 
 # S3 credentials reach every process the way they reach real workers: from the environment. Set here, before any
@@ -30,9 +31,9 @@ os.environ.pop("AWS_PROFILE", None)
 
 def real_video_paths() -> list[Path]:
     """The real camera-trap fixture clips (a missing fixture directory is a failure, not a skip)."""
-    assert REAL_VIDEOS.is_dir(), f"real video fixtures missing: expected {REAL_VIDEOS} (../shared beside the repo)"
+    assert REAL_VIDEOS.is_dir(), f"real video fixtures missing: expected {REAL_VIDEOS} (part of the repository)"
     paths = sorted(p for p in REAL_VIDEOS.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-    assert len(paths) >= 6, f"expected the 6 real clips under {REAL_VIDEOS}, found {len(paths)}"
+    assert len(paths) == 6, f"expected the 6 real clips under {REAL_VIDEOS}, found {len(paths)}"
     return paths
 
 

@@ -17,16 +17,10 @@ from jungletrap import video as video_module
 from jungletrap.schema import CONTAINER_COLUMNS, SIZE_BYTES
 from jungletrap.video import ClipInfo, VideoDecodeError, clip_info, letterbox_box, read_clip, sample_times
 
-REAL_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real_videos"
+from .conftest import real_video_paths
+
 W, H = 64, 48  # generated clips: 2 rows x 8 columns of 8x24 blocks spell the frame index in binary
 BITS = 16
-
-
-def _real_clips() -> list[Path]:
-    assert REAL_VIDEOS.is_dir(), f"real video fixtures missing: expected {REAL_VIDEOS} (../shared beside the repo)"
-    clips = sorted(p for p in REAL_VIDEOS.rglob("*") if p.suffix.lower() in {".mp4", ".avi", ".asf"})
-    assert len(clips) == 6, f"expected the 6 real clips under {REAL_VIDEOS}, found {len(clips)}"
-    return clips
 
 
 def _barcode(index: int, width: int = W, height: int = H) -> np.ndarray:
@@ -113,7 +107,7 @@ def test_sample_times_rejects_bad_settings(kwargs: dict[str, float]) -> None:
 # -- real clips ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", _real_clips(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", real_video_paths(), ids=lambda p: p.name)
 def test_real_clip_gives_one_frame_per_real_second(path: Path) -> None:
     with av.open(str(path)) as c:
         times = [f.time for f in c.decode(video=0)]
@@ -133,7 +127,7 @@ def test_real_clip_gives_one_frame_per_real_second(path: Path) -> None:
 
 
 def test_real_clip_quirks() -> None:
-    clips = {p.name: p for p in _real_clips()}
+    clips = {p.name: p for p in real_video_paths()}
     short, _ = read_clip(clips["01170043.MP4"], sample_fps=3, max_seconds=15)
     assert short.shape[0] == 6
     assert clip_info(clips["PICT0074.ASF"]).declared_frames == -1  # ASF declares no frame count
@@ -146,7 +140,7 @@ def test_real_clip_quirks() -> None:
 
 
 def test_clip_info_matches_read_clip_and_schema() -> None:
-    path = _real_clips()[0]
+    path = real_video_paths()[0]
     info = clip_info(path)
     assert isinstance(info, ClipInfo) and info.decoded_frames == -1
     assert list(info.as_dict()) == [*CONTAINER_COLUMNS, SIZE_BYTES]
