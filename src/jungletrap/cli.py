@@ -2,8 +2,8 @@
 
 Every command resolves and validates the config before any work (a bad key exits with status 2 naming it),
 opens the cluster (a local one, or ``--scheduler``/``--scheduler-file``), prints the dashboard link, and calls
-one library function. Exit codes: 0 ok, 1 failed videos under ``--strict`` or a stage error, 2 bad config or
-cluster, 130 interrupted (re-run the same command to resume).
+one library function. Exit codes: 0 ok, 1 failed videos under ``--strict`` or a stage error, 2 bad config,
+input files that do not fit each other, or no cluster; 130 interrupted (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -124,6 +124,13 @@ def execute(
     except (ConfigError, NotADirectoryError) as err:
         typer.echo(f"error: {err}", err=True)
         return 2
+    from jungletrap.catalog import InputError, check_inputs
+
+    try:  # input files that do not fit each other: stop before the cluster starts, not in the last stage
+        check_inputs(cfg.data)
+    except InputError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
     from jungletrap.cluster import ClusterError, open_client
     from jungletrap.pipeline import StageContext, run_pipeline
 
@@ -133,7 +140,7 @@ def execute(
                          scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
             typer.echo(f"dask dashboard: {info.dashboard_link} ({info.kind} cluster, {info.n_workers} workers)")
             results = run_pipeline(StageContext(client, cfg, resolved, info), stages=stages, force=force)
-    except ClusterError as err:
+    except (ClusterError, InputError) as err:
         typer.echo(f"error: {err}", err=True)
         return 2
     except KeyboardInterrupt:

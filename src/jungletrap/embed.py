@@ -4,6 +4,9 @@ Each task reads its own rows from ``catalog.parquet`` (the client never ships vi
 runs :func:`jungletrap.udfs.embed.embed_partition`, and writes ``part-NNNNN.parquet`` atomically with the
 settings' hash in the file metadata. A part that exists with the same hash and row count is complete and is
 skipped on the next run, so an interrupted stage resumes where it stopped and never writes a video twice.
+A part's rows hash covers each clip's stamp (size + version), so a clip replaced under the same name is
+embedded again; after a change of partition sizes, rows already embedded are copied into the new parts
+(:mod:`jungletrap.embed_reuse`) instead of being decoded again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from jungletrap import __version__
 from jungletrap.backbones import get_spec
 from jungletrap.cluster import gpu_resources
 from jungletrap.config import EmbedConfig, config_hash
-from jungletrap.schema import PARTITION, PATH, STATUS, STATUS_ERROR, VIDEO_ID
+from jungletrap.embed_reuse import copy_rows, drop_reused, plan_copies
+from jungletrap.schema import PARTITION, PATH, STAMP, STATUS, STATUS_ERROR, VIDEO_ID
 from jungletrap.storage import (
     RunPath,
     path_token,
@@ -81,12 +85,25 @@ def read_embedding_meta(path: RunPath | str) -> dict[str, Any]:
     return json.loads(meta.get(META_KEY, b"{}"))
 
 
+def _stamps(rows: pd.DataFrame) -> list[str]:
+    """Each row's clip stamp (size + version; empty for catalogs written before stamps were recorded)."""
+    return [str(s) for s in rows[STAMP]] if STAMP in rows else [""] * len(rows)
+
+
 def _rows_hash(rows: pd.DataFrame) -> str:
-    """Identity of a partition's inputs: its video ids and paths, in order."""
-    return config_hash({"rows": [f"{v}\t{p}" for v, p in zip(rows[VIDEO_ID], rows[PATH], strict=True)]})
+    """Identity of a partition's inputs: its video ids, paths and clip stamps, in order."""
+    keys = [f"{v}\t{p}" + (f"\t{s}" if s else "")
+            for v, p, s in zip(rows[VIDEO_ID], rows[PATH], _stamps(rows), strict=True)]
+    return config_hash({"rows": keys})
 
 
-def _file_metadata(settings: EmbedSettings, rows_hash: str, n_rows: int) -> dict[bytes, bytes]:
+def _clips(rows: pd.DataFrame) -> list[list[str]]:
+    """``[video_id, stamp]`` per row, kept in the part's metadata: what a later partitioning may copy."""
+    return [[str(v), s] for v, s in zip(rows[VIDEO_ID], _stamps(rows), strict=True)]
+
+
+def _file_metadata(settings: EmbedSettings, rows_hash: str, n_rows: int,
+                   clips: list[list[str]] | None = None) -> dict[bytes, bytes]:
     spec = get_spec(settings.backbone)
     info = {
         "artifact": "embeddings",
@@ -99,6 +116,7 @@ def _file_metadata(settings: EmbedSettings, rows_hash: str, n_rows: int) -> dict
         "result_hash": _result_hash(settings),
         "rows_hash": rows_hash,
         "n_rows": n_rows,
+        "clips": clips or [],
         "package_version": __version__,
     }
     return {META_KEY: json.dumps(info, default=str).encode()}
@@ -121,7 +139,7 @@ def embed_catalog_partition(catalog_path: RunPath, partition: int, out_path: Run
     if len(frame) != len(rows) or list(frame[VIDEO_ID]) != list(rows[VIDEO_ID]):
         raise RuntimeError(f"embed UDF returned {len(frame)} rows for {len(rows)} videos (partition {partition})")
     table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame)))
+    table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame), _clips(rows)))
     write_parquet_atomic(table, out_path)
     return {"videos": len(frame), "failed": int((frame[STATUS] == STATUS_ERROR).sum())}
 
@@ -164,11 +182,13 @@ def embed_catalog(
     result_hash = _result_hash(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    catalog = read_parquet(catalog_path, columns=[PARTITION, VIDEO_ID, PATH])
+    catalog = read_parquet(catalog_path, columns=[c for c in (PARTITION, VIDEO_ID, PATH, STAMP)
+                                                  if c in read_schema(catalog_path).names])
     groups = {int(p): rows for p, rows in catalog.groupby(PARTITION, sort=True)}
     sizes = pd.Series({p: len(rows) for p, rows in groups.items()}, dtype=np.int64)
     pending = [p for p, rows in groups.items()
                if not _is_complete(part_path(out_dir, p), result_hash, _rows_hash(rows))]
+    copies = plan_copies(out_dir, result_hash, {p: groups[p] for p in pending}, set(groups))  # before overwriting
     _remove_foreign_parts(out_dir, set(groups))
     skipped = int(sizes.drop(index=pending).sum())
     total = int(sizes.loc[pending].sum()) if pending else 0
@@ -186,7 +206,13 @@ def embed_catalog(
             pure=False,
             resources=gpu_resources(gpu),
         )
-        for p in pending
+        for p in pending if p not in copies
+    ] + [
+        client.submit(copy_rows, copies[p], part_path(out_dir, p),
+                      _file_metadata(settings, _rows_hash(groups[p]), len(groups[p]), _clips(groups[p])),
+                      key=f"embed-copy-{p:05d}-{result_hash[:8]}-{path_token(out_dir)}", retries=cfg.retries,
+                      pure=False)
+        for p in pending if p in copies
     ]
     counts = {"partitions": len(sizes), "embedded": 0, "skipped": skipped, "failed": 0}
     start, done = time.monotonic(), 0
@@ -206,4 +232,5 @@ def embed_catalog(
     # A worker killed mid-write leaves its temporary file; its task was retried elsewhere, and every task of
     # this call has finished, so nothing is still writing here: leave the directory clean, not at next start.
     remove_stale_temps(out_dir)
+    drop_reused(out_dir)  # every part made from the moved-aside ones is written
     return counts

@@ -2,7 +2,9 @@
 
 Each stage reads only the artifacts of earlier stages and writes its own under the run directory. A stage's
 config hash chains the hashes of the stages before it, so changing e.g. the backbone re-runs embed and
-everything after it, while changing only the head re-runs train and ensemble.
+everything after it, while changing only the head re-runs train and ensemble. Hashed is what changes results
+(see :func:`stage_hashes`): the input files' stamps and every clip's, but not the evaluation-only test labels
+before the ensemble stage, nor the partition sizes after the embed stage.
 
 Monitoring: every stage that runs writes Dask's performance report (task stream, worker profile, bandwidth) to
 ``perf/<stage>.html`` in the run directory, and the embed stage reports done/total videos, rate and ETA (a
@@ -19,13 +21,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from distributed import Client, performance_report
 
-from jungletrap.catalog import CATALOG_NAME, build_catalog, write_catalog
+from jungletrap.catalog import CATALOG_NAME, InputError, Inputs, build_catalog, read_inputs, write_catalog
 from jungletrap.cluster import ClusterInfo
 from jungletrap.config import STAGES, JobConfig, config_hash, save_config
 from jungletrap.embed import embed_catalog
@@ -40,7 +42,7 @@ from jungletrap.udfs.embed import EMBED_SCHEMA_VERSION
 from jungletrap.udfs.features import FEATURE_SET_VERSION
 
 __all__ = ["run_pipeline", "stage_hashes", "check_run_dir", "StageContext", "STAGES", "RunCancelled",
-           "EmbedProgress", "format_progress", "PERF_DIR"]
+           "EmbedProgress", "format_progress", "PERF_DIR", "LAYOUT_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class StageContext:
     run_dir: RunPath
     info: ClusterInfo
     cancelled: Callable[[], bool] | None = None
+    inputs: Inputs | None = None  # the checked input files and videos listing, read once by run_pipeline
 
     def __post_init__(self) -> None:
         # A URL (or a path given as text) becomes a path object carrying the run's storage options.
@@ -71,24 +74,51 @@ class StageContext:
             raise RunCancelled(f"run cancelled ({where})")
 
 
-def stage_hashes(cfg: JobConfig) -> dict[str, str]:
-    """Config hash per stage, each chained to the previous stage's hash."""
+#: Catalog keys that only cut the rows into partitions: no row's embedding, feature or prediction depends on them.
+LAYOUT_KEYS = ("videos_per_partition", "partition_bytes")
+
+
+def _clips_hash(cfg: JobConfig) -> str | None:
+    try:
+        return read_inputs(cfg.data).clips_hash()
+    except (InputError, OSError):  # inputs that cannot be read: the catalog stage reports them, if it runs
+        return None
+
+
+def stage_hashes(cfg: JobConfig, *, clips: str | None = None) -> dict[str, str]:
+    """Config hash per stage, each chained to the previous stage's hash; hashed is what changes results.
+
+    ``clips`` is :meth:`jungletrap.catalog.Inputs.clips_hash` (every clip's name and size + version stamp, so
+    a replaced clip re-runs the stages from the catalog on; only its partition is embedded again); without
+    it the videos root is listed here. ``data.test_labels`` only scores the test set: it enters the ensemble
+    stage alone. The partition sizes (:data:`LAYOUT_KEYS`) enter the catalog and embed stages only: rows and
+    their order are the same however they are cut (partitions are contiguous runs of catalog rows), and the
+    embed stage then rewrites its parts by copying rows, not decoding.
+    """
+    storage = cfg.data.storage_options
+    data = {k: v for k, v in cfg.public_dump()["data"].items() if k != "test_labels"}
+    catalog = cfg.catalog.model_dump(mode="json")
+    layout = {k: catalog.pop(k) for k in LAYOUT_KEYS}
     parts: dict[str, Any] = {
-        "catalog": {"data": cfg.public_dump()["data"], "catalog": cfg.catalog.model_dump(mode="json"),
-                    "seed": cfg.run.seed, "labels": file_stamp(cfg.data.labels, cfg.data.storage_options),
-                    "format": file_stamp(cfg.data.submission_format, cfg.data.storage_options)},
+        "catalog": {"data": data, "catalog": catalog, "seed": cfg.run.seed,
+                    "labels": file_stamp(cfg.data.labels, storage),
+                    "format": file_stamp(cfg.data.submission_format, storage),
+                    "clips": _clips_hash(cfg) if clips is None else clips},
         "embed": {"schema": EMBED_SCHEMA_VERSION,
                   **{k: v for k, v in cfg.embed.model_dump(mode="json").items()
                      if k not in ("batch_size", "prefetch_videos", "decode_threads", "decode_processes",
                                   "codec_threads", "decode_timeout_s", "retries", "device")}},
         "features": {"version": FEATURE_SET_VERSION, **cfg.features.model_dump(mode="json")},
         "train": {"train": cfg.train.model_dump(mode="json"), "seed": cfg.run.seed},
-        "ensemble": cfg.ensemble.model_dump(mode="json"),
+        "ensemble": {**cfg.ensemble.model_dump(mode="json"),
+                     "test_labels": file_stamp(cfg.data.test_labels, storage)},
     }
     hashes, previous = {}, ""
     for stage in STAGES:
         previous = config_hash({"previous": previous, "this": parts[stage]})
         hashes[stage] = previous
+    for stage in ("catalog", "embed"):  # the stages whose files are cut by partition
+        hashes[stage] = config_hash({"results": hashes[stage], "layout": layout})
     return hashes
 
 
@@ -159,13 +189,17 @@ class EmbedProgress:
 
 @contextlib.contextmanager
 def _perf_report(ctx: StageContext, stage: str) -> Iterator[None]:
-    """Write Dask's performance report of the stage to ``perf/<stage>.html``; a report that fails only warns."""
+    """Write Dask's performance report of the stage to ``perf/<stage>.html``; a report that fails only warns.
+
+    The page carries Bokeh's JavaScript inline (``mode="inline"``, about 1 MB more), so it opens on an
+    air-gapped cluster or without internet; the default loads it from a CDN and shows a blank page there.
+    """
     path = ctx.run_dir / PERF_DIR / f"{stage}.html"
     report: performance_report | None = None
     with ctx.client.as_current(), tempfile.TemporaryDirectory(prefix="jungletrap-perf-") as tmp:
         local = Path(tmp) / path.name  # Dask writes a local file; it is then put in the run directory
         try:
-            opened = performance_report(filename=str(local))
+            opened = performance_report(filename=str(local), mode="inline")  # Bokeh inside: opens offline
             opened.__enter__()
             report = opened
         except Exception as err:  # the report is a diagnostic: never fail the stage for it
@@ -182,7 +216,7 @@ def _perf_report(ctx: StageContext, stage: str) -> Iterator[None]:
 
 
 def _catalog(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
-    catalog = build_catalog(ctx.cfg.data, ctx.cfg.catalog, seed=ctx.cfg.run.seed)
+    catalog = build_catalog(ctx.cfg.data, ctx.cfg.catalog, seed=ctx.cfg.run.seed, inputs=ctx.inputs)
     write_catalog(catalog, ctx.run_dir / CATALOG_NAME)
     counts = catalog["split"].value_counts().to_dict()
     counts["missing_files"] = int((catalog["size_bytes"] < 0).sum())
@@ -235,13 +269,19 @@ _RUNNERS: dict[str, Callable[[StageContext], tuple[dict[str, Any], list[str]]]] 
 
 
 def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-    """Run ``stages`` (default: all, in order); return each stage's counts. Ctrl-C is recorded, then re-raised."""
+    """Run ``stages`` (default: all, in order); return each stage's counts. Ctrl-C is recorded, then re-raised.
+
+    The input files are checked against each other first (:class:`jungletrap.catalog.InputError` before any
+    work, whichever stages run: a stage skipped as done must not hide that an input changed under it).
+    """
     check_run_dir(ctx.run_dir)
+    if ctx.inputs is None:
+        ctx = replace(ctx, inputs=read_inputs(ctx.cfg.data))
     if not is_remote(ctx.run_dir):  # an object store has no directories to make
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(ctx.cfg, ctx.run_dir / "config.yaml")
     manifest = Manifest(ctx.run_dir)
-    hashes = stage_hashes(ctx.cfg)
+    hashes = stage_hashes(ctx.cfg, clips=ctx.inputs.clips_hash())
     results: dict[str, Any] = {}
     for stage in stages or list(STAGES):
         if not force and manifest.is_done(stage, hashes[stage]):

@@ -11,6 +11,7 @@ __all__ = [
     "VIDEO_ID",
     "PATH",
     "SIZE_BYTES",
+    "STAMP",
     "SPLIT",
     "FOLD",
     "PARTITION",
@@ -59,6 +60,7 @@ FILENAME = "filename"  # competition CSVs: path relative to the videos root
 VIDEO_ID = "video_id"  # our key: equal to the competition filename
 PATH = "path"  # absolute path or URL a worker opens
 SIZE_BYTES = "size_bytes"
+STAMP = "stamp"  # the clip file's size and version (mtime, or ETag on an object store): a replaced file changes it
 SPLIT = "split"
 FOLD = "fold"  # -1 for test rows
 PARTITION = "partition"  # which embed partition a catalog row belongs to

@@ -153,9 +153,12 @@ def list_files(location: str | os.PathLike[str], storage_options: Mapping[str, A
 
 
 def _version(info: Mapping[str, Any]) -> str:
-    """What changes when a file is rewritten: its mtime locally, its ETag (or modification time) remotely."""
+    """What changes when a file is rewritten: its mtime locally, its ETag (or modification time) remotely.
+
+    A local mtime keeps its sub-second part: a clip replaced within the same second is still a new version.
+    """
     version = info.get("mtime", info.get("ETag", info.get("etag", info.get("LastModified"))))
-    return str(int(version)) if isinstance(version, float) else str(version)
+    return repr(version) if isinstance(version, float) else str(version)
 
 
 @contextmanager
