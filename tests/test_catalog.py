@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jungletrap.catalog import assign_folds, build_catalog, read_competition_csv
+from jungletrap.catalog import InputError, assign_folds, build_catalog, check_inputs, read_competition_csv
 from jungletrap.config import CatalogConfig, DataConfig
 from jungletrap.schema import CLASS_NAMES, FILENAME
 
@@ -156,3 +156,102 @@ def test_micro_variant_is_selected_by_config(tmp_path: Path) -> None:
     micro = build_catalog(data.model_copy(update={"variant": "micro"}), CatalogConfig(n_folds=2), seed=0)
     assert full["size_bytes"].tolist() == [1000, 1000] and micro["size_bytes"].tolist() == [10, 10]
     assert micro["path"].iloc[0] == str(tmp_path / "micro" / "a.mp4")
+
+
+# ---- inputs cross-checked before any work ---------------------------------------------------------------------
+
+
+def _set(root: Path, names: list[str], *, labelled: bool) -> Path:
+    """A competition CSV for ``names``: 0/1 labels, or the submission format's 0.5."""
+    frame = pd.DataFrame(np.eye(len(names), len(CLASS_NAMES), dtype=int), columns=list(CLASS_NAMES))
+    if not labelled:
+        frame = frame.astype(float) * 0 + 0.5
+    frame.insert(0, FILENAME, names)
+    frame.to_csv(root, index=False)
+    return root
+
+
+def _checked(tmp_path: Path, **files: Path) -> DataConfig:
+    base = {"labels": _set(tmp_path / "train.csv", ["a.mp4", "b.mp4"], labelled=True),
+            "submission_format": _set(tmp_path / "format.csv", ["c.mp4", "d.mp4"], labelled=False),
+            "test_labels": _set(tmp_path / "test.csv", ["d.mp4", "c.mp4"], labelled=True)}
+    return DataConfig(videos=str(tmp_path / "clips"), **{k: str(v) for k, v in {**base, **files}.items()})
+
+
+def test_matching_inputs_pass_the_check(tmp_path: Path) -> None:
+    train, fmt = check_inputs(_checked(tmp_path))  # test labels may list the clips in another order
+    assert list(train[FILENAME]) == ["a.mp4", "b.mp4"] and list(fmt[FILENAME]) == ["c.mp4", "d.mp4"]
+
+
+@pytest.mark.parametrize(("kind", "needle"), [
+    ("other set", "rows are not those of"),
+    ("one clip short", "1 of its clips missing (e.g. ['d.mp4'])"),
+    ("columns", "missing ['hog'], unexpected ['zebra']"),
+    ("column order", "another order"),
+    ("value", "label 'bird' of 'c.mp4' is 2"),
+    ("empty", "not a readable CSV"),
+    ("absent", "file not found"),
+])
+def test_test_labels_that_do_not_fit_name_the_file(tmp_path: Path, kind: str, needle: str) -> None:
+    bad = tmp_path / "bad test labels.csv"
+    if kind == "other set":
+        _set(bad, ["x.mp4", "y.mp4"], labelled=True)
+    elif kind == "one clip short":
+        _set(bad, ["c.mp4"], labelled=True)
+    elif kind in ("columns", "column order", "value"):
+        frame = pd.read_csv(_set(bad, ["c.mp4", "d.mp4"], labelled=True))
+        if kind == "columns":
+            frame = frame.rename(columns={"hog": "zebra"})
+        elif kind == "column order":
+            frame = frame[[FILENAME, *reversed(CLASS_NAMES)]]
+        else:
+            frame.loc[0, "bird"] = 2
+        frame.to_csv(bad, index=False)
+    elif kind == "empty":
+        bad.write_text("")
+    with pytest.raises(InputError) as err:
+        check_inputs(_checked(tmp_path, test_labels=bad))
+    assert str(err.value).startswith(f"{bad}: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_labels_and_submission_format_are_checked_too(tmp_path: Path) -> None:
+    nan_label = tmp_path / "labels with a gap.csv"
+    frame = pd.read_csv(_set(nan_label, ["a.mp4", "b.mp4"], labelled=True))
+    frame.loc[1, "hog"] = np.nan
+    frame.to_csv(nan_label, index=False)
+    with pytest.raises(InputError, match=f"^{nan_label}: label 'hog' of 'b.mp4' is nan,"):
+        check_inputs(_checked(tmp_path, labels=nan_label))
+    overlapping = _set(tmp_path / "overlap.csv", ["b.mp4", "c.mp4"], labelled=False)
+    with pytest.raises(InputError, match="1 clips are also in"):
+        check_inputs(_checked(tmp_path, submission_format=overlapping, test_labels=overlapping))
+    wrong = tmp_path / "format.tsv"
+    pd.read_csv(_set(wrong, ["c.mp4", "d.mp4"], labelled=False)).to_csv(wrong, sep="\t", index=False)
+    with pytest.raises(InputError, match=f"^{wrong}: columns must be"):
+        check_inputs(_checked(tmp_path, submission_format=wrong))
+
+
+@pytest.mark.parametrize("command", [["catalog"], ["run"]])
+def test_cli_stops_with_exit_2_before_any_work(tiny_dataset: Path, tmp_path: Path, command: list[str]) -> None:
+    """conf/demo.yaml's situation: videos, labels and format of one set, test labels of another."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .conftest import REPO, write_tiny_config
+
+    config = write_tiny_config(tmp_path / "mixed.yaml", tiny_dataset, run_root=tmp_path / "runs")
+    other = _set(tmp_path / "other_test_labels.csv", ["x.mp4", "y.mp4"], labelled=True)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["test_labels"] = str(other)
+    config.write_text(yaml.safe_dump(cfg))
+    cli = str(Path(sys.executable).parent / "jungletrap")
+    proc = subprocess.run([cli, *command, "--config", str(config)], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    test_clips = sorted(pd.read_csv(tiny_dataset / "submission_format.csv")[FILENAME])
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {other}: rows are not those of {tiny_dataset / 'submission_format.csv'}: {len(test_clips)} of its "
+        f"clips missing (e.g. {test_clips[:3]}), 2 not in it (e.g. ['x.mp4', 'y.mp4'])"]
+    assert "dask dashboard" not in proc.stdout and not (tmp_path / "runs").exists()  # no cluster, no run dir

@@ -17,7 +17,7 @@ import pytest
 from distributed import Client
 
 from jungletrap.catalog import build_catalog, catalog_from_paths, write_catalog
-from jungletrap.config import CatalogConfig, EmbedConfig, JobConfig
+from jungletrap.config import EmbedConfig, JobConfig
 from jungletrap.embed import embed_catalog, read_embedding_meta
 from jungletrap.embed_reuse import REUSE_DIR
 from jungletrap.features import read_embedding_part

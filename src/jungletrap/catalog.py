@@ -102,7 +102,7 @@ def _check_labels(frame: pd.DataFrame, path: str) -> None:
     if bad.any(axis=None):
         row, col = np.argwhere(bad.to_numpy())[0]
         raise InputError(f"{path}: label {CLASS_NAMES[col]!r} of {frame[FILENAME].iloc[row]!r} is "
-                         f"{values.iat[row, col]!r}, labels must be 0 or 1")
+                         f"{values.iat[row, col]!s}, labels must be 0 or 1")
 
 
 def _check_same_rows(names: pd.Series, expected: pd.Series, path: str, other: str) -> None:
