@@ -172,3 +172,23 @@ def test_training_is_reproducible(finished_run: tuple[Path, Path, str], tmp_path
         b = pd.read_parquet(copy / "oof" / f"{model}.parquet")
         # XGBoost sums histograms over workers in an order that depends on data placement: equal to rounding
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-6)
+
+
+def test_python_api_predicts_twice_in_one_process(finished_run: tuple[Path, Path, str], tiny_dataset: Path,
+                                                  dask_client: object, tmp_path: Path) -> None:
+    """The README's call, twice, after the submodule ``jungletrap.predict`` is imported (it used to shadow it)."""
+    import jungletrap
+    import jungletrap.predict  # noqa: F401  - what the first call imports anyway
+
+    _, run_dir, _ = finished_run
+    names = sorted(pd.read_csv(tiny_dataset / "submission_format.csv")[FILENAME])[:3]
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in names:
+        (clips / name).symlink_to(tiny_dataset / "videos" / name)
+    first = jungletrap.predict_videos(dask_client, run_dir, clips)
+    second = jungletrap.predict_videos(dask_client, str(run_dir), str(clips))
+    pd.testing.assert_frame_equal(first, second)
+    sub = pd.read_csv(run_dir / "submission.csv").set_index(FILENAME)
+    np.testing.assert_allclose(first.set_index(FILENAME).loc[names, list(CLASS_NAMES)].to_numpy(),
+                               sub.loc[names].to_numpy(), rtol=1e-4, atol=1e-6)

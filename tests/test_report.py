@@ -1,5 +1,6 @@
 """report.html from a small run directory built of real artifacts: real clips, an embedding part with error rows,
-OOF/test predictions, metrics.json shaped as the ensemble stage writes it, a manifest and a saved config.
+OOF/test predictions, then the real ensemble stage (``run_ensemble``: nested ``oof/blend.parquet``, metrics.json
+with its ``ensemble`` section, the submission), a manifest and a saved config: the path every real run takes.
 
 No Dask cluster: the report reads artifacts only. The page is parsed with the stdlib HTML parser, so the checks are
 about structure (sections, headings, embedded images, table rows), not string fragments.
@@ -22,14 +23,13 @@ import pytest
 from jungletrap.udfs.embed import EMBED_SCHEMA, embed_partition
 
 from jungletrap.catalog import CATALOG_NAME, catalog_from_paths, write_catalog
-from jungletrap.config import EmbedConfig, JobConfig, RunConfig, save_config
+from jungletrap.config import DataConfig, EmbedConfig, EnsembleConfig, JobConfig, RunConfig, TrainConfig, save_config
 from jungletrap.embed import embed_settings
-from jungletrap.ensemble import blend
+from jungletrap.ensemble import blend, run_ensemble
 from jungletrap.manifest import Manifest
-from jungletrap.metrics import fold_prior_predictions, mean_log_loss, summarize
+from jungletrap.metrics import mean_log_loss
 from jungletrap.report import BLEND, main_classes, oof_predictions, write_report
-from jungletrap.schema import CLASS_NAMES, ERROR, FOLD, SPLIT, SPLIT_TRAIN, STATUS, STATUS_ERROR, VIDEO_ID
-from jungletrap.storage import write_json_atomic
+from jungletrap.schema import CLASS_NAMES, ERROR, FILENAME, FOLD, SPLIT, SPLIT_TRAIN, STATUS, STATUS_ERROR, VIDEO_ID
 from jungletrap.synthetic import write_clip
 
 SECTIONS = {
@@ -45,7 +45,7 @@ SECTIONS = {
 }
 MIN_IMAGES = {"per-class": 2, "calibration": 1, "prevalence": 1, "contact-sheet": 1}
 USED = ("blank", "chimpanzee", "elephant", "duiker", "human", "bird", "leopard")
-N_TRAIN, N_FOLDS, MODELS, WEIGHTS, CLIP = 14, 3, ("xgb", "head"), (0.6, 0.4), 1e-4
+N_TRAIN, N_FOLDS, MODELS = 14, 3, ("xgb", "head")
 BROKEN = "broken.mp4"  # a zero-byte training clip: an error row, and the blend's most confident wrong clip
 EVIL_REASON = "<script>alert('x')</script> & more"  # must come out escaped
 
@@ -79,6 +79,8 @@ class _Page(HTMLParser):
             sec["rows"].append([])
         elif tag in ("h2", "td"):
             self._in = tag
+            if tag == "td":
+                sec["rows"][-1].append("")  # an empty cell is a cell too
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "section":
@@ -94,7 +96,7 @@ class _Page(HTMLParser):
         if self._in == "h2":
             sec["h2"].append(data)
         elif self._in == "td":
-            sec["rows"][-1].append(data)
+            sec["rows"][-1][-1] += data
 
 
 def _parse(path: Path) -> _Page:
@@ -152,11 +154,13 @@ def _embeddings(catalog: pd.DataFrame, out_dir: Path) -> None:
     pq.write_table(table, out_dir / "part-00000.parquet")
 
 
-def _metrics(catalog: pd.DataFrame, run_dir: Path) -> dict[str, Any]:
+def _model_predictions(catalog: pd.DataFrame, run_dir: Path) -> None:
+    """``oof/<model>.parquet`` and ``test/<model>.parquet`` as the train stage writes them."""
     train = catalog[catalog[SPLIT] == SPLIT_TRAIN]
     test = catalog[catalog[SPLIT] != SPLIT_TRAIN]
     truth, test_truth = (f[list(CLASS_NAMES)].to_numpy(np.float64) for f in (train, test))
-    oof = {m: _predictions(list(train[VIDEO_ID]), truth, seed=k, signal=0.45 + 0.1 * k) for k, m in enumerate(MODELS)}
+    # equally good models, so the fitted weights depend on the rows they are fitted on (nested != refitted)
+    oof = {m: _predictions(list(train[VIDEO_ID]), truth, seed=k, signal=0.5) for k, m in enumerate(MODELS)}
     for frame in oof.values():  # the broken clip: confidently "chimpanzee", truly "duiker"; two more wrong clips
         frame.loc[BROKEN] = 0.01
         frame.loc[BROKEN, "chimpanzee"] = 0.99
@@ -165,33 +169,41 @@ def _metrics(catalog: pd.DataFrame, run_dir: Path) -> dict[str, Any]:
     for m in MODELS:
         _write_predictions(oof[m], run_dir / "oof" / f"{m}.parquet")
         _write_predictions(tests[m], run_dir / "test" / f"{m}.parquet")
-    oof_blend = blend(list(oof.values()), np.array(WEIGHTS)).clip(CLIP, 1 - CLIP)
-    test_blend = blend(list(tests.values()), np.array(WEIGHTS)).clip(CLIP, 1 - CLIP)
-    metrics: dict[str, Any] = {
-        "oof": {m: summarize(truth, p.to_numpy(), CLASS_NAMES) for m, p in oof.items()},
-        "prior_baseline_oof": summarize(truth, fold_prior_predictions(truth, train[FOLD].to_numpy()), CLASS_NAMES),
-        "clip": CLIP,
-        "models": list(MODELS),
-        "weights": dict(zip(MODELS, WEIGHTS, strict=True)),
-        "test": {m: summarize(test_truth, p.to_numpy(), CLASS_NAMES) for m, p in {**tests, BLEND: test_blend}.items()},
-    }
-    metrics["oof"][BLEND] = summarize(truth, oof_blend.to_numpy(), CLASS_NAMES)
-    return metrics
+
+
+def _competition_csvs(catalog: pd.DataFrame, root: Path) -> DataConfig:
+    """The submission format and the held-out test labels of the catalog's test clips."""
+    test = catalog[catalog[SPLIT] != SPLIT_TRAIN]
+    test[[FILENAME, *CLASS_NAMES]].assign(**dict.fromkeys(CLASS_NAMES, 0.5)).to_csv(root / "format.csv", index=False)
+    test[[FILENAME, *CLASS_NAMES]].astype(dict.fromkeys(CLASS_NAMES, int)).to_csv(root / "test.csv", index=False)
+    return DataConfig(submission_format=str(root / "format.csv"), test_labels=str(root / "test.csv"))
+
+
+def _config(data: DataConfig, method: str) -> JobConfig:
+    return JobConfig(run=RunConfig(name="fake"), data=data, train=TrainConfig(models=list(MODELS)),
+                     ensemble=EnsembleConfig(method=method),
+                     embed=EmbedConfig(backbone="tiny_cnn", device="cpu", sample_fps=1, max_seconds=3))
+
+
+def _ensemble_run(run_dir: Path, method: str) -> None:
+    """The ensemble stage as a real run does it, then the config it saves (read back by the report)."""
+    cfg = _config(DataConfig.model_validate_json((run_dir / "data.json").read_text()), method)
+    run_ensemble(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
 
 
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory holding every artifact the report reads, made by the real writers."""
+    """A run directory holding every artifact the report reads, made by the real writers and ensemble stage."""
     root = tmp_path_factory.mktemp("report")
     videos, run_dir = root / "videos", root / "fake"
     videos.mkdir()
     catalog = _catalog(videos)
     write_catalog(catalog, run_dir / CATALOG_NAME)
     _embeddings(catalog, run_dir / "embeddings" / "tiny_cnn")
-    write_json_atomic(_metrics(catalog, run_dir), run_dir / "metrics.json")
-    save_config(JobConfig(run=RunConfig(name="fake"), embed=EmbedConfig(backbone="tiny_cnn", device="cpu",
-                                                                        sample_fps=1, max_seconds=3)),
-                run_dir / "config.yaml")
+    _model_predictions(catalog, run_dir)
+    (run_dir / "data.json").write_text(_competition_csvs(catalog, root).model_dump_json())
+    _ensemble_run(run_dir, "weights")
     manifest = Manifest(run_dir)
     for stage, status in (("catalog", "done"), ("embed", "done"), ("train", "failed")):
         manifest.start(stage, "0123456789abcdef")
@@ -230,10 +242,19 @@ def test_summary_scores_and_failures(page: _Page, fake_run: Path) -> None:
     summary = _text(page, "summary")
     assert f"{metrics['oof'][BLEND]['mean_log_loss']:.5f}" in summary
     assert f"{metrics['prior_baseline_oof']['mean_log_loss']:.5f}" in summary
-    assert "xgb 0.600" in summary and "head 0.400" in summary and "clip: 0.0001" in summary
-    assert "Failed videos: 2" in summary
-    first_column = [row[0] for row in page.sections["scores"]["rows"] if row]
-    assert first_column == [*MODELS, BLEND, "class prior", *MODELS, BLEND]  # OOF table, then the test table
+    weights = metrics["weights"]
+    assert metrics["ensemble"]["method"] == "weights" and weights["xgb"] != pytest.approx(0.5)  # fitted weights
+    assert "Blend weights: " + ", ".join(f"{m} {w:.3f}" for m, w in weights.items()) in summary
+    assert f"Probability clip: {metrics['clip']:g} " in summary and "Failed videos: 2" in summary
+    nested = ", ".join(f"{m} {v:.5f}" for m, v in metrics["ensemble"]["nested_oof_log_loss"].items())
+    assert f"Blend method: weights (nested out-of-fold log loss: {nested})" in summary
+    rows = [row for row in page.sections["scores"]["rows"] if row]
+    assert [row[0] for row in rows] == [*MODELS, BLEND, "class prior", *MODELS, BLEND]  # OOF table, then test
+    for row, name in zip(rows, [*MODELS, BLEND, "class prior"], strict=False):  # each row shows its own scores
+        scores = metrics["prior_baseline_oof"] if name == "class prior" else metrics["oof"][name]
+        assert row[1:3] == [f"{weights[name]:.3f}" if name in weights else "", f"{scores['mean_log_loss']:.5f}"]
+    for row, name in zip(rows[4:], [*MODELS, BLEND], strict=True):
+        assert row[2] == f"{metrics['test'][name]['mean_log_loss']:.5f}"
     failures = {row[0]: row[1] for row in page.sections["failures"]["rows"] if row}
     assert set(failures) == {BROKEN, "evil<id>.mp4"}
     assert BROKEN in failures[BROKEN]
@@ -249,7 +270,7 @@ def test_contact_sheet_shows_right_wrong_and_undecodable(page: _Page) -> None:
     assert len(page.sections["contact-sheet"]["png"]) == len(kinds) - 1  # every clip but the broken one
 
 
-def test_oof_predictions_rebuild_the_recorded_blend(fake_run: Path) -> None:
+def test_oof_predictions_are_the_nested_blend_the_ensemble_stage_saved(fake_run: Path) -> None:
     metrics = json.loads((fake_run / "metrics.json").read_text())
     preds = oof_predictions(fake_run, metrics)
     assert set(preds) == {*MODELS, BLEND}
@@ -257,20 +278,38 @@ def test_oof_predictions_rebuild_the_recorded_blend(fake_run: Path) -> None:
     truth = catalog.loc[preds[BLEND].index, list(CLASS_NAMES)]
     assert mean_log_loss(truth.to_numpy(), preds[BLEND].to_numpy()) == pytest.approx(
         metrics["oof"][BLEND]["mean_log_loss"], rel=1e-12)
+    # the blender refitted on every OOF row (what the report would rebuild) scores another, optimistic number
+    refitted = blend([preds[m] for m in MODELS], np.array([metrics["weights"][m] for m in MODELS]))
+    clip = metrics["clip"]
+    assert mean_log_loss(truth.to_numpy(), refitted.clip(clip, 1 - clip).to_numpy()) != pytest.approx(
+        metrics["oof"][BLEND]["mean_log_loss"], rel=1e-6)
     counts = truth.sum()
     usable = [c for c in CLASS_NAMES if 0 < counts[c] < len(truth)]
     assert main_classes(truth) == sorted(usable, key=lambda c: (-counts[c], CLASS_NAMES.index(c)))[:6]
 
 
 def test_older_run_without_weights_test_or_embeddings(fake_run: Path, tmp_path: Path) -> None:
-    """Runs made before weights were recorded (the demo run) still render; equal weights are assumed."""
+    """Runs made before weights or the blend were recorded still render; equal weights are assumed."""
     run_dir = tmp_path / "old"
-    shutil.copytree(fake_run, run_dir, ignore=shutil.ignore_patterns("embeddings", "report.html"))
+    shutil.copytree(fake_run, run_dir, ignore=shutil.ignore_patterns("embeddings", "report.html", "blend.parquet"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    del metrics["weights"], metrics["test"]
+    del metrics["weights"], metrics["test"], metrics["ensemble"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     page = _parse(write_report(run_dir, run_dir / "embeddings" / "tiny_cnn"))
     assert list(page.sections) == list(SECTIONS)
     assert "equal" in _text(page, "summary") and "Failed videos: 0" in _text(page, "summary")
     assert "Held-out" not in _text(page, "scores")
     assert _text(page, "failures").endswith("None.")
+
+
+def test_stacker_blend_shows_no_weights(fake_run: Path, tmp_path: Path) -> None:
+    """A stacker has no per-model weight: the scores table must not show equal weights it never used."""
+    run_dir = tmp_path / "stacker"
+    shutil.copytree(fake_run, run_dir, ignore=shutil.ignore_patterns("report.html"))
+    _ensemble_run(run_dir, "stacker")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["ensemble"]["method"] == "stacker" and "weights" not in metrics
+    page = _parse(write_report(run_dir, run_dir / "embeddings" / "tiny_cnn"))
+    assert "per-class logistic regression" in _text(page, "summary")
+    rows = [row for row in page.sections["scores"]["rows"] if row]
+    assert [row[1] for row in rows[:2]] == ["", ""], rows[:2]

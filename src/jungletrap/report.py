@@ -85,8 +85,11 @@ def _models(metrics: dict[str, Any]) -> list[str]:
 
 
 def _weights(metrics: dict[str, Any]) -> dict[str, float]:
-    """Recorded blend weights; equal weights for runs made before the ensemble stage recorded them."""
+    """Recorded blend weights; none for a stacker (it has no weight per model); equal weights for runs made
+    before the ensemble stage recorded them."""
     models = _models(metrics)
+    if not metrics.get("weights") and metrics.get("ensemble", {}).get("method") == "stacker":
+        return {}
     return {m: float(w) for m, w in (metrics.get("weights") or {m: 1 / len(models) for m in models}).items()}
 
 
