@@ -29,7 +29,9 @@ def test_catalog_rows_folds_partitions(tiny_dataset: Path) -> None:
     assert sorted(tr["fold"].unique()) == [0, 1, 2, 3]
     assert (catalog.loc[catalog["split"] == "test", "fold"] == -1).all()
     assert catalog.groupby("partition").size().max() == 7
-    assert (catalog["size_bytes"] > 0).all()
+    on_disk = {p.name: p.stat() for p in (tiny_dataset / "videos").iterdir()}
+    assert catalog["size_bytes"].tolist() == [on_disk[f].st_size for f in catalog[FILENAME]]
+    assert catalog["stamp"].tolist() == [f"{on_disk[f].st_size}:{on_disk[f].st_mtime!r}" for f in catalog[FILENAME]]
     merged = tr.set_index("video_id")[list(CLASS_NAMES)].loc[train[FILENAME]]
     np.testing.assert_array_equal(merged.to_numpy(), train[list(CLASS_NAMES)].to_numpy())
 
