@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from jungletrap.cluster import ClusterError, cluster_security
-from jungletrap.config import STAGES, ClusterConfig
+from jungletrap.config import STAGES, ClusterConfig, load_config
 from jungletrap.pipeline import PERF_DIR, EmbedProgress, format_progress
 
 from .conftest import REPO, DaskCLICluster, write_tiny_config
@@ -111,7 +111,9 @@ def _assert_finished_on_existing_cluster(proc: subprocess.CompletedProcess[str],
     assert cluster.n_registered() == 2  # no workers added or lost: the job used the cluster as it was
     assert _statuses(run_dir) == dict.fromkeys(STAGES, "done")
     sub = pd.read_csv(run_dir / "submission.csv")
-    assert len(sub) > 0 and sub.notna().all(axis=None)
+    fmt = pd.read_csv(load_config(run_dir / "config.yaml").data.submission_format)
+    assert list(sub.columns) == list(fmt.columns) and sub["filename"].tolist() == fmt["filename"].tolist()
+    assert sub.notna().all(axis=None)
 
 
 @pytest.mark.slow

@@ -178,3 +178,44 @@ def test_an_interrupted_repartition_finds_its_moved_parts_again(dask_client: Cli
     counts = _embed(dask_client, real_videos_copy, out, tmp_path, per_partition=2)
     assert counts["failed"] == 0
     _same_rows(_read_all(out), before)
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pipeline_reruns_only_what_a_change_can_affect(dask_client: Client, tiny_dataset: Path,
+                                                       tmp_path: Path) -> None:
+    """Partition sizes: catalog and embed (copied rows), nothing after; test labels: the ensemble stage alone."""
+    import yaml
+
+    from jungletrap.cluster import ClusterInfo
+    from jungletrap.config import load_config
+    from jungletrap.pipeline import StageContext, run_pipeline
+
+    from .conftest import write_tiny_config
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    config = write_tiny_config(tmp_path / "tiny.yaml", data, run_root=tmp_path / "runs")
+    info = ClusterInfo(kind="local", dashboard_link=None, n_workers=2, gpu=False)
+
+    def run(*overrides: str) -> dict[str, dict[str, object]]:
+        cfg = load_config(config, list(overrides))
+        return run_pipeline(StageContext(dask_client, cfg, cfg.run_dir(), info))
+
+    run()
+    embed_dir = tmp_path / "runs" / "tiny" / "embeddings" / "tiny_cnn"
+    before = _read_all(embed_dir)
+    for clip in (data / "videos").iterdir():  # undecodable, same stamps: only copied rows stay as they were
+        _replace_keeping_stamp(clip, bytes(clip.stat().st_size))
+    cut = run("catalog.videos_per_partition=10")
+    ran = {stage for stage, counts in cut.items() if not counts.get("stage_skipped")}
+    assert ran == {"catalog", "embed"}, cut
+    assert cut["embed"]["failed"] == 0
+    assert len(list(embed_dir.glob("part-*.parquet"))) == cut["catalog"]["partitions"]
+    _same_rows(_read_all(embed_dir), before)
+    labels = yaml.safe_load(config.read_text())["data"]["test_labels"]
+    shutil.copy(labels, tmp_path / "test labels elsewhere.csv")
+    moved = run("catalog.videos_per_partition=10", f"data.test_labels={tmp_path / 'test labels elsewhere.csv'}")
+    assert {stage for stage, counts in moved.items() if not counts.get("stage_skipped")} == {"ensemble"}, moved
