@@ -11,7 +11,7 @@ The small per-clip metadata columns are read once (:class:`PartIndex`); only the
 Memory bound of a stream, whatever the number of clips N: one embedding row group being read (an embed part,
 ``catalog.videos_per_partition`` clips at most) + ``shuffle_buffer`` clips x ``max_frames`` x D float16 + one
 batch padded to float32 (batch x ``max_frames`` x D x 4 bytes). Per-clip bookkeeping (ids, keep flags, labels, the
-metadata columns) is O(N) but ~250 bytes a clip: ~50 MB at 200,000 clips, against ~23 GB of float16 embeddings.
+metadata columns) is O(N) but ~400 bytes a clip: ~80 MB at 200,000 clips, against ~23 GB of float16 embeddings.
 
 Batching is done here, not by a ``DataLoader``: Dask's worker processes are daemonic, so loader worker processes
 cannot start there, and collating per clip would only add copies.
@@ -106,12 +106,12 @@ class HeadPart:
 class PartIndex:
     """Every part of a run (embedding + feature file) with its clip ids and raw metadata; built once per task.
 
-    The metadata (``len(META_FEATURES)`` float32 a clip, ~100 bytes) is read here once: the feature parts are
+    The metadata (``len(META_FEATURES)`` float64 a clip, ~200 bytes) is read here once: the feature parts are
     thousands of columns wide, and reading a part's footer on every epoch would cost more than the epoch.
     """
 
     parts: list[HeadPart]
-    meta: list[np.ndarray]  # per part: (clips, len(META_FEATURES)) float32, raw, in file order
+    meta: list[np.ndarray]  # per part: (clips, len(META_FEATURES)) float64, raw, in file order
     embed_dim: int
 
     @classmethod
@@ -123,15 +123,22 @@ class PartIndex:
                 raise FileNotFoundError(f"{features}: missing feature part for {path}; run the features stage")
             ids = read_table(path, columns=[VIDEO_ID]).column(0).to_numpy(zero_copy_only=False).astype(object)
             parts.append(HeadPart(path, features, ids))
-            meta.append(parts[-1].read_meta().to_numpy(np.float32))
+            meta.append(parts[-1].read_meta().to_numpy(np.float64))
         return cls(parts, meta, int(read_embedding_meta(parts[0].embeddings)["feature_dim"]))
+
+    def keep(self, video_ids: Iterable[str]) -> list[np.ndarray]:
+        """Per part, which of its rows are among ``video_ids`` (a set lookup a clip: pandas' ``isin`` on Arrow
+        strings walks them in Python once per part, ~30 ms a part)."""
+        wanted = set(video_ids)
+        return [np.fromiter((v in wanted for v in p.video_ids), dtype=bool, count=len(p.video_ids))
+                for p in self.parts]
 
 
 def fit_meta_scaler(index: PartIndex, video_ids: Iterable[str]) -> MetaScaler:
     """:class:`MetaScaler` fitted on the clips ``video_ids`` (their metadata rows, gathered part by part)."""
-    wanted = pd.Index(video_ids)
-    rows = [m[pd.Index(p.video_ids).isin(wanted)] for p, m in zip(index.parts, index.meta, strict=True)]
-    return MetaScaler.fit(pd.DataFrame(np.concatenate(rows), columns=list(META_FEATURES)))
+    keep = index.keep(video_ids)
+    rows = np.concatenate([m[k] for m, k in zip(index.meta, keep, strict=True)])
+    return MetaScaler.fit(pd.DataFrame(rows, columns=list(META_FEATURES)))
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -174,7 +181,7 @@ class ClipStream(IterableDataset):  # type: ignore[type-arg]
             raise ValueError("ClipStream: video_ids must be unique")
         self._index, self._max_frames = index, max_frames
         self._buffer, self._read_rows = shuffle_buffer, read_rows
-        self._keep = [pd.Index(p.video_ids).isin(wanted) for p in index.parts]
+        self._keep = index.keep(wanted)
         self._offsets = np.cumsum([0, *[int(k.sum()) for k in self._keep]])
         self._ids = np.concatenate([p.video_ids[k] for p, k in zip(index.parts, self._keep, strict=True)]
                                    + [np.array([], dtype=object)])
@@ -183,8 +190,8 @@ class ClipStream(IterableDataset):  # type: ignore[type-arg]
             raise ValueError(f"{len(missing)} clips have no row in the embedding parts of "
                              f"{index.parts[0].embeddings.parent} (e.g. {missing[0]!r})")
         self._labels = None if labels is None else np.asarray(labels, np.float32)[wanted.get_indexer(self._ids)]
-        self._meta = [scaler.transform(pd.DataFrame(m[k], columns=list(META_FEATURES)))
-                      for m, k in zip(index.meta, self._keep, strict=True)]
+        raw = np.concatenate([m[k] for m, k in zip(index.meta, self._keep, strict=True)])
+        self._meta = scaler.transform(pd.DataFrame(raw, columns=list(META_FEATURES)))  # (len, M), stream order
 
     @property
     def video_ids(self) -> np.ndarray:
@@ -215,14 +222,13 @@ class ClipStream(IterableDataset):  # type: ignore[type-arg]
             keep, part = self._keep[p], self._index.parts[p]
             if not keep.any():
                 continue
-            meta = self._meta[p]
             rows = np.cumsum(keep) - 1 + self._offsets[p]  # stream row of each kept file row
             start = 0
             for values, offsets in part.embedding_batches(self._read_rows):
                 for i in np.flatnonzero(keep[start : start + len(offsets) - 1]):
                     frames = values[offsets[i] : offsets[i + 1]].reshape(-1, dim)
                     row = int(rows[start + i])
-                    yield np.array(select_frames(frames, self._max_frames)), meta[row - self._offsets[p]], row
+                    yield np.array(select_frames(frames, self._max_frames)), self._meta[row], row
                 start += len(offsets) - 1
 
     def batches(self, batch_size: int, *, shuffle_seed: int | None = None) -> Iterator[Batch]:

@@ -86,10 +86,11 @@ def train_head_fold(
 ) -> dict[str, Any]:
     """Dask task: fit the head on the other folds (minus the stopping rows), predict the held-out fold and the test.
 
-    Memory does not grow with the number of clips N beyond per-clip bookkeeping (catalog ids, split, fold and
-    labels: ~100 bytes a clip, 20 MB at 200,000 clips): the embeddings are streamed (one embed part read at a time
-    + ``cfg.shuffle_buffer`` clips x ``cfg.max_frames`` x D float16 + one float32 batch, e.g. 1024 x 45 x 1280 x 2
-    bytes = 118 MB at the defaults with a 1280-d backbone), and the model and optimizer state are independent of N.
+    Peak memory does not depend on the number of clips N except through per-clip bookkeeping (ids, split, fold,
+    labels and metadata columns: ~400 bytes a clip, ~80 MB at 200,000 clips). The embeddings are streamed: one
+    embed part's row group at a time + ``cfg.shuffle_buffer`` clips x ``cfg.max_frames`` x D float16 + one float32
+    batch (1024 x 45 x 1280 x 2 bytes = 118 MB for the buffer at the defaults with a 1280-d backbone); the model
+    and optimizer are independent of N. Folds run as parallel Dask tasks (one GPU each when present).
     """
     _import_torch_dynamo()
     torch.set_num_threads(max(cfg.torch_threads, worker_nthreads()))
