@@ -274,3 +274,60 @@ def upload_tree(fs: Any, local: Path, url: str) -> list[str]:
         fs.pipe_file(key, path.read_bytes())
         keys.append(key)
     return keys
+
+
+def write_head_run(run_dir: Path, *, n_train: int, n_test: int, dim: int, max_frames: int, clips_per_part: int,
+                   n_folds: int = 3, seed: int = 0) -> tuple[Path, Path, Path]:
+    """The files a head fold reads, without decoding: ``catalog.parquet``, embedding parts and feature parts.
+
+    Embedding parts have the embed stage's schema and file metadata (``feature_dim`` set to ``dim``); feature
+    parts (same names) hold the metadata columns the head uses. Labels shift some frames along a per-class
+    direction (learnable); clips have 0 (error rows) to ``max_frames + 3`` frames. Returns the catalog path, the
+    embedding directory and the features directory.
+    """
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    from jungletrap.udfs.embed import EMBED_SCHEMA
+
+    from jungletrap.catalog import CATALOG_NAME
+    from jungletrap.config import EmbedConfig
+    from jungletrap.embed import META_KEY, _file_metadata, embed_settings, part_path
+    from jungletrap.head_stream import META_FEATURES
+    from jungletrap.schema import CLASS_NAMES, EMBEDDING, ERROR, FOLD, N_FRAMES, SPLIT, STATUS, VIDEO_ID
+    from jungletrap.storage import write_parquet_atomic
+
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    ids = np.array([f"clip{i:06d}.mp4" for i in range(n)], dtype=object)
+    labels = (rng.random((n, len(CLASS_NAMES))) < np.linspace(0.02, 0.3, len(CLASS_NAMES))).astype(np.float32)
+    catalog = pd.DataFrame({VIDEO_ID: ids, SPLIT: ["train"] * n_train + ["test"] * n_test,
+                            FOLD: np.r_[np.arange(n_train) % n_folds, np.full(n_test, -1)]})
+    catalog = pd.concat([catalog, pd.DataFrame(labels, columns=list(CLASS_NAMES))], axis=1)
+    catalog.to_parquet(run_dir / CATALOG_NAME)
+    embed_dir, features_dir = run_dir / "embeddings" / "synthetic", run_dir / "features"
+    directions = np.random.default_rng(99).normal(size=(len(CLASS_NAMES), dim)).astype(np.float32)
+    settings = embed_settings(EmbedConfig())
+    for p, start in enumerate(range(0, n, clips_per_part)):
+        rows = np.arange(start, min(n, start + clips_per_part))
+        lengths = rng.integers(0, max_frames + 4, size=len(rows))
+        values = rng.normal(size=(int(lengths.sum()), dim)).astype(np.float32)
+        owner = np.repeat(np.arange(len(rows)), lengths)
+        values += 0.8 * (labels[rows][owner] @ directions)
+        ok = lengths > 0
+        columns: dict[str, Any] = {f.name: pa.nulls(len(rows), f.type) for f in EMBED_SCHEMA}
+        columns.update({VIDEO_ID: pa.array(ids[rows], pa.string()), N_FRAMES: pa.array(lengths, pa.int32()),
+                        EMBEDDING: pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lengths * dim)], pa.int32()),
+                                                            pa.array(values.astype(np.float16).ravel())),
+                        STATUS: pa.array(np.where(ok, "ok", "error"), pa.string()),
+                        ERROR: pa.array([None if k else "no frames" for k in ok], pa.string())})
+        table = pa.Table.from_arrays([columns[f.name] for f in EMBED_SCHEMA], schema=EMBED_SCHEMA)
+        meta = json.loads(_file_metadata(settings, f"rows{p}", len(rows))[META_KEY])
+        table = table.replace_schema_metadata({META_KEY: json.dumps({**meta, "feature_dim": dim}).encode()})
+        write_parquet_atomic(table, part_path(embed_dir, p))
+        features = pd.DataFrame(rng.random((len(rows), len(META_FEATURES))) * 100, columns=list(META_FEATURES))
+        features.insert(0, VIDEO_ID, ids[rows])
+        write_parquet_atomic(pa.Table.from_pandas(features, preserve_index=False), part_path(features_dir, p))
+    return run_dir / CATALOG_NAME, embed_dir, features_dir

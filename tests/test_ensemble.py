@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from jungletrap.blenders import BLEND_METHODS, nested_predictions
 from jungletrap.ensemble import blend, choose_clip, fit_weights, write_submission
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, FILENAME
@@ -65,20 +66,37 @@ def test_submission_refuses_missing_predictions(tmp_path: Path) -> None:
         write_submission(test, tmp_path / "fmt.csv", tmp_path / "submission.csv")
 
 
-def test_stacker_learns_to_trust_the_better_model_and_nested_scores_are_honest() -> None:
-    from jungletrap.blenders import apply_blender, fit_blender, nested_predictions, nested_scores
+def test_stacker_learns_to_trust_the_better_model() -> None:
+    from jungletrap.blenders import fit_blender, nested_scores
 
     y, good, weak = _problem(2)
     params = fit_blender("stacker", y, [weak, good])
     coef = np.asarray(params["coef"])
     assert coef.shape == (24, 2) and (coef[:, 1] > coef[:, 0]).mean() > 0.8
-    fitted = apply_blender(params, [weak, good])
     folds = np.arange(len(y)) % 5
-    nested = nested_predictions("stacker", y, [weak, good], folds)
-    assert mean_log_loss(y, nested) >= mean_log_loss(y, fitted)  # out-of-fold is never flattered
     scores = nested_scores(y, [weak, good], folds)
     assert set(scores) == {"mean", "weights", "stacker"}
     assert scores["weights"] < scores["mean"]  # the weak model drags the plain mean down
+
+
+@pytest.mark.parametrize("method", BLEND_METHODS)
+def test_a_folds_nested_blend_and_clip_never_see_its_labels(method: str) -> None:
+    """Flipping every label of fold 0 must leave fold 0's nested blend (clip included) exactly as it was.
+
+    A blender or a clip fitted with fold 0's rows would move: overconfident 0/1 predictions make the clip choice
+    depend on the labels (the flipped fold wants the largest clip). Before, the clip was chosen on every row.
+    """
+    y, good, weak = _problem(4)
+    overconfident = np.where(good > 0.5, 1.0, 0.0)
+    folds = np.arange(len(y)) % 5
+    flipped = y.copy()
+    flipped[folds == 0] = 1 - flipped[folds == 0]
+    nested, again = (nested_predictions(method, truth, [weak, overconfident], folds, clip="auto")
+                     for truth in (y, flipped))
+    np.testing.assert_array_equal(nested[folds == 0], again[folds == 0])
+    assert not np.array_equal(nested[folds == 1], again[folds == 1])  # the other folds' blend and clip do see them
+    assert np.array_equal(nested_predictions(method, y, [weak, overconfident], folds, clip=0.01),
+                          np.clip(nested_predictions(method, y, [weak, overconfident], folds), 0.01, 0.99))
 
 
 def test_stacker_handles_a_class_with_no_positives() -> None:

@@ -13,10 +13,13 @@ import pytest
 import xgboost as xgb
 from distributed import Client
 
+from jungletrap.catalog import fold_masks
 from jungletrap.config import XGBConfig
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, VIDEO_ID
+from jungletrap.stopping import stopping_mask
 from jungletrap.xgb import (
+    _fold_data,
     fold_threads,
     fold_workers,
     load_feature_matrix,
@@ -108,3 +111,37 @@ def test_one_worker_and_both_workers_train_the_same_models(dask_client: Client, 
     one, both = (r["oof"].set_index(VIDEO_ID).loc[ids[:100]] for r in results)
     np.testing.assert_allclose(one.to_numpy(), both.to_numpy(), rtol=1e-5, atol=1e-7)
     assert [f["best_iteration"] for f in results[0]["folds"]] == [f["best_iteration"] for f in results[1]["folds"]]
+
+
+def test_every_training_worker_holds_fit_and_stopping_rows(dask_client: Client, tmp_path: Path) -> None:
+    """``xgboost.dask`` trains on every worker holding a block of either matrix; each needs rows of both."""
+    features, ids, y, split, folds = _folds(tmp_path)
+    matrix = load_feature_matrix(dask_client, features)
+    Y = da.from_array(y, chunks=(matrix.X.chunks[0], y.shape[1]))
+    train, _ = fold_masks(split, folds, 0)
+    stop = stopping_mask(ids, y, train, fraction=0.125, seed=0)
+    dtrain, dstop, workers = _fold_data(dask_client, matrix, Y, train & ~stop, stop, np.zeros(24, np.float32),
+                                        XGBConfig(min_rows_per_worker=1))
+    assert len(workers) == 2 and set(dtrain.worker_map) == set(dstop.worker_map) == set(workers)
+    one_stop_row = np.zeros_like(stop)
+    one_stop_row[np.flatnonzero(stop)[0]] = True  # fewer stopping rows than workers: train on fewer workers
+    dtrain, dstop, workers = _fold_data(dask_client, matrix, Y, train & ~one_stop_row, one_stop_row,
+                                        np.zeros(24, np.float32), XGBConfig(min_rows_per_worker=1))
+    assert len(workers) == 1 and set(dtrain.worker_map) == set(dstop.worker_map) == set(workers)
+
+
+def test_held_out_labels_never_reach_the_fold_booster(dask_client: Client, tmp_path: Path) -> None:
+    """Early stopping on the inner split: flipping the held-out fold's labels leaves its predictions unchanged.
+
+    Before, the booster stopped on the held-out fold, so its labels chose the round that then scored it.
+    """
+    features, ids, y, split, folds = _folds(tmp_path)
+    matrix = load_feature_matrix(dask_client, features)
+    cfg = XGBConfig(n_estimators=80, learning_rate=0.3, max_depth=2, early_stopping_rounds=5, max_bin=16)
+    flipped = y.copy()
+    flipped[folds == 0] = 1 - flipped[folds == 0]
+    oof = [train_xgb_folds(dask_client, matrix, labels, split, folds, cfg, seed=0, gpu=False,
+                           models_dir=tmp_path / name, stopping_fraction=0.2)["oof"].set_index(VIDEO_ID)
+           for name, labels in (("models", y), ("flipped", flipped))]
+    fold0 = ids[folds == 0]
+    np.testing.assert_array_equal(oof[0].loc[fold0].to_numpy(), oof[1].loc[fold0].to_numpy())

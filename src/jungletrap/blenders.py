@@ -4,8 +4,9 @@
 - ``weights``: one non-negative weight per model (summing to one), fitted with scipy on the metric;
 - ``stacker``: per class, a logistic regression on the models' logits for that class (the seed used a
   stacker over its folds; a linear one per class keeps it to M+1 numbers per class).
-``auto`` picks among them by **nested** out-of-fold score: each fold's blend is fitted on the other folds'
-OOF predictions only, so the choice is not biased towards the most flexible method.
+``auto`` picks among them by **nested** out-of-fold score: each fold's blend and probability clip are fitted on
+the other folds' OOF predictions only, so the choice is not biased towards the most flexible method and the blend's
+reported score never saw the labels it is scored on.
 """
 
 from __future__ import annotations
@@ -20,14 +21,20 @@ from jungletrap.metrics import mean_log_loss
 
 __all__ = [
     "BLEND_METHODS",
+    "CLIP_CANDIDATES",
     "apply_blender",
+    "choose_clip",
     "fit_blender",
+    "fit_clipped_blender",
     "fit_weights",
+    "nested_clip",
     "nested_predictions",
     "nested_scores",
 ]
 
 BLEND_METHODS: tuple[str, ...] = ("mean", "weights", "stacker")
+#: Probability clips ``auto`` chooses from.
+CLIP_CANDIDATES: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 _EPS = 1e-6
 
 
@@ -93,17 +100,50 @@ def apply_blender(params: dict[str, Any], predictions: list[np.ndarray]) -> np.n
     return 1 / (1 + np.exp(-z))
 
 
-def nested_predictions(method: str, truth: np.ndarray, predictions: list[np.ndarray], folds: np.ndarray
-                       ) -> np.ndarray:
-    """Truly out-of-fold blended predictions: each fold blended by a blender fitted on the other folds."""
+def choose_clip(truth: np.ndarray, proba: np.ndarray, setting: float | str) -> float:
+    """The configured clip, or with ``auto`` the candidate that gives the best score on ``truth``."""
+    if setting != "auto":
+        return float(setting)
+    scores = {c: mean_log_loss(truth, np.clip(proba, c, 1 - c)) for c in CLIP_CANDIDATES}
+    return min(scores, key=lambda c: (scores[c], -c))
+
+
+def fit_clipped_blender(method: str, truth: np.ndarray, predictions: list[np.ndarray], clip: float | str
+                        ) -> dict[str, Any]:
+    """:func:`fit_blender`, then the probability clip chosen on the same rows' blend (``params["clip"]``).
+
+    This is the whole procedure the ensemble fits on OOF predictions; :func:`nested_predictions` repeats it per fold.
+    """
+    params = fit_blender(method, truth, predictions)
+    params["clip"] = choose_clip(truth, apply_blender(params, predictions), clip)
+    return params
+
+
+def nested_predictions(method: str, truth: np.ndarray, predictions: list[np.ndarray], folds: np.ndarray, *,
+                       clip: float | str = 0.0) -> np.ndarray:
+    """Truly out-of-fold blended predictions: each fold blended and clipped by a blender and clip fitted on the
+    other folds only (:func:`fit_clipped_blender`), so no fold's labels reach its own predictions."""
     nested = np.empty_like(truth, dtype=np.float64)
     for k in np.unique(folds):
         held = folds == k
-        params = fit_blender(method, truth[~held], [p[~held] for p in predictions])
-        nested[held] = apply_blender(params, [p[held] for p in predictions])
+        params = fit_clipped_blender(method, truth[~held], [p[~held] for p in predictions], clip)
+        nested[held] = np.clip(apply_blender(params, [p[held] for p in predictions]), params["clip"],
+                               1 - params["clip"])
     return nested
 
 
-def nested_scores(truth: np.ndarray, predictions: list[np.ndarray], folds: np.ndarray) -> dict[str, float]:
-    """Nested OOF metric of every method."""
-    return {m: mean_log_loss(truth, nested_predictions(m, truth, predictions, folds)) for m in BLEND_METHODS}
+def nested_clip(truth: np.ndarray, proba: np.ndarray, folds: np.ndarray, clip: float | str) -> np.ndarray:
+    """``proba`` (already out of fold) with each fold clipped by the clip chosen on the other folds."""
+    out = np.empty_like(proba, dtype=np.float64)
+    for k in np.unique(folds):
+        held = folds == k
+        c = choose_clip(truth[~held], proba[~held], clip)
+        out[held] = np.clip(proba[held], c, 1 - c)
+    return out
+
+
+def nested_scores(truth: np.ndarray, predictions: list[np.ndarray], folds: np.ndarray, *,
+                  clip: float | str = 0.0) -> dict[str, float]:
+    """Nested OOF metric of every method (blender and clip fitted without the fold scored)."""
+    return {m: mean_log_loss(truth, nested_predictions(m, truth, predictions, folds, clip=clip))
+            for m in BLEND_METHODS}

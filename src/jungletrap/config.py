@@ -197,12 +197,14 @@ class HeadConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     torch_threads: int = Field(1, ge=1)
+    shuffle_buffer: int = Field(1024, ge=1)  # clips held for shuffling while streaming (bounds a fold's memory)
 
 
 class TrainConfig(_Section):
     """Which models to train over the folds."""
 
     models: list[Literal["xgb", "head"]] = Field(default_factory=lambda: ["xgb", "head"], min_length=1)
+    early_stopping_fraction: float = Field(0.125, gt=0, le=0.5)  # fit rows of each fold set aside to stop on
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
 

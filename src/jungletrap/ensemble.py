@@ -2,10 +2,12 @@
 
 Everything here is fitted on out-of-fold predictions only: the blend (``ensemble.method``; ``auto`` picks
 ``mean``, ``weights`` or ``stacker`` by nested OOF score, see :mod:`jungletrap.blenders`) and the
-probability clip. The fitted blender is saved as ``models/ensemble.json`` (``predict`` applies it), the
-blended predictions as ``oof/blend.parquet`` and ``test/blend.parquet``. ``submission.csv`` has exactly
-the rows (in the same order) and the columns of the submission-format file, whatever order the catalog used.
-The blend's out-of-fold score is nested: each fold is blended by a blender fitted on the other folds only.
+probability clip (chosen on the blender's predictions of the rows it was fitted on). The fitted blender is saved
+as ``models/ensemble.json`` (``predict`` applies it), the blended predictions as ``oof/blend.parquet`` and
+``test/blend.parquet``. ``submission.csv`` has exactly the rows (in the same order) and the columns of the
+submission-format file, whatever order the catalog used.
+The blend's out-of-fold score is nested: each fold is blended and clipped by a blender and a clip fitted on the
+other folds only; the class-prior baseline's clip is chosen the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from jungletrap.blenders import apply_blender, fit_blender, fit_weights, nested_predictions, nested_scores
+from jungletrap.blenders import (
+    CLIP_CANDIDATES,
+    apply_blender,
+    choose_clip,
+    fit_clipped_blender,
+    fit_weights,
+    nested_clip,
+    nested_predictions,
+    nested_scores,
+)
 from jungletrap.catalog import CATALOG_NAME, read_competition_csv
 from jungletrap.config import JobConfig
-from jungletrap.metrics import fold_prior_predictions, mean_log_loss, summarize
+from jungletrap.metrics import fold_prior_predictions, summarize
 from jungletrap.schema import CLASS_NAMES, FILENAME, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
 from jungletrap.storage import RunPath, read_parquet, write_json_atomic, write_parquet_atomic, write_text_atomic
 from jungletrap.train import prediction_path, read_predictions
@@ -41,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CLIP_CANDIDATES: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 ENSEMBLE_MODEL = Path("models") / "ensemble.json"
 
 
@@ -56,14 +66,6 @@ def blend_frames(params: dict[str, Any], predictions: list[pd.DataFrame]) -> pd.
     index = predictions[0].index
     arrays = [p.loc[index, list(CLASS_NAMES)].to_numpy(np.float64) for p in predictions]
     return pd.DataFrame(apply_blender(params, arrays), index=index, columns=list(CLASS_NAMES))
-
-
-def choose_clip(truth: np.ndarray, proba: np.ndarray, setting: float | str) -> float:
-    """The configured clip, or with ``auto`` the candidate that gives the best out-of-fold score."""
-    if setting != "auto":
-        return float(setting)
-    scores = {c: mean_log_loss(truth, np.clip(proba, c, 1 - c)) for c in CLIP_CANDIDATES}
-    return min(scores, key=lambda c: (scores[c], -c))
 
 
 def write_submission(test: pd.DataFrame, format_path: str | Path, out_path: RunPath,
@@ -88,9 +90,19 @@ def _choose_method(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], fol
                    ) -> tuple[str, dict[str, float]]:
     if len(oof) == 1:
         return "mean", {}
-    scores = nested_scores(truth, oof, folds)
+    scores = nested_scores(truth, oof, folds, clip=cfg.ensemble.clip)
     method = min(scores, key=lambda m: scores[m]) if cfg.ensemble.method == "auto" else cfg.ensemble.method
     return method, scores
+
+
+def _fit_blend(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: np.ndarray
+               ) -> tuple[str, dict[str, float], dict[str, Any], np.ndarray]:
+    """The method, its nested scores, the blender + clip fitted on every OOF row (applied to the test set), and
+    the blend's nested OOF predictions: each fold blended and clipped by a blender and clip fitted on the other
+    folds, so the blend's reported score is as honest as the single models' and comparable to them."""
+    method, scores = _choose_method(cfg, truth, oof, folds)
+    params = fit_clipped_blender(method, truth, oof, cfg.ensemble.clip)
+    return method, scores, params, nested_predictions(method, truth, oof, folds, clip=cfg.ensemble.clip)
 
 
 def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
@@ -102,21 +114,16 @@ def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
     oof = {m: read_predictions(prediction_path(run_dir, "oof", m)).loc[train.index] for m in models}
     test = {m: read_predictions(prediction_path(run_dir, "test", m)) for m in models}
     arrays, folds = [p.to_numpy() for p in oof.values()], train[FOLD].to_numpy()
-    method, nested = _choose_method(cfg, truth, arrays, folds)
-    params = fit_blender(method, truth, arrays)  # fitted on every OOF row: the blender applied to the test set
-    # The blend's own OOF predictions are nested (each fold blended by a blender fitted on the other folds),
-    # so its reported score is as honest as the single models' and comparable to them.
-    oof_blend = pd.DataFrame(nested_predictions(method, truth, arrays, folds) if len(arrays) > 1 else arrays[0],
-                             index=train.index, columns=list(CLASS_NAMES))
-    params["clip"] = clip = choose_clip(truth, oof_blend.to_numpy(), cfg.ensemble.clip)
+    method, nested, params, nested_blend = _fit_blend(cfg, truth, arrays, folds)
     params["models"] = models
-    oof_blend = oof_blend.clip(clip, 1 - clip)
+    clip = params["clip"]
+    oof_blend = pd.DataFrame(nested_blend, index=train.index, columns=list(CLASS_NAMES))
     test_blend = blend_frames(params, list(test.values())).clip(clip, 1 - clip)
-    prior = fold_prior_predictions(truth, train[FOLD].to_numpy())
-    prior_clip = choose_clip(truth, prior, cfg.ensemble.clip)  # the baseline gets the same clip choice
+    prior = fold_prior_predictions(truth, folds)
+    prior = nested_clip(truth, prior, folds, cfg.ensemble.clip)  # the baseline gets the same nested clip choice
     metrics: dict[str, Any] = {
         "oof": {m: summarize(truth, p.to_numpy(), CLASS_NAMES) for m, p in oof.items()},
-        "prior_baseline_oof": summarize(truth, np.clip(prior, prior_clip, 1 - prior_clip), CLASS_NAMES),
+        "prior_baseline_oof": summarize(truth, prior, CLASS_NAMES),
         "clip": clip,
         "models": models,
         "ensemble": {"method": method, "nested_oof_log_loss": nested},

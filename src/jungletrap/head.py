@@ -14,9 +14,9 @@ the last layer at zero, making the untrained model predict the prior exactly. Pu
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from jungletrap.config import HeadConfig
 from jungletrap.metrics import mean_log_loss
 
 __all__ = [
-    "POOLINGS", "FrameHead", "HeadData", "HeadFit", "build_head", "fit_head", "pad_frames", "predict_head",
+    "POOLINGS", "Batch", "FrameHead", "HeadData", "HeadFit", "HeadSource", "build_head", "fit_head", "pad_frames",
+    "predict_head", "select_frames",
 ]
 
 POOLINGS: tuple[str, ...] = ("attention_maxmin", "gru")
@@ -36,9 +37,32 @@ _PRIOR_EPS = 1e-4  # a class absent from the training rows starts at p=1e-4, not
 _GRAD_CLIP = 5.0
 
 
+#: One training or prediction batch: frames (B, T, D), real-frame mask (B, T), meta (B, M), labels (B, C) or None.
+Batch = tuple[Tensor, Tensor, Tensor, Tensor | None]
+
+
+class HeadSource(Protocol):
+    """Rows the head trains on or predicts, served in batches: in memory (:class:`HeadData`) or streamed from
+    Parquet (:class:`jungletrap.head_stream.ClipStream`). Unshuffled batches come in a fixed row order, the order of
+    ``labels``; a ``shuffle_seed`` gives a reproducible random order for one epoch."""
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    @property
+    def meta_dim(self) -> int: ...
+
+    @property
+    def labels(self) -> np.ndarray | None: ...
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, *, shuffle_seed: int | None = None) -> Iterator[Batch]: ...
+
+
 @dataclass
 class HeadData:
-    """Aligned model inputs for N clips.
+    """Aligned model inputs for N clips, in memory (tests, small data); a :class:`HeadSource`.
 
     ``meta`` may hold NaN: the model replaces it by 0 and appends a missing-indicator per column, so
     "unknown" stays distinguishable from "average". ``frames`` may also be float16 (converted per batch).
@@ -61,6 +85,23 @@ class HeadData:
     def __len__(self) -> int:
         return len(self.frames)
 
+    @property
+    def embed_dim(self) -> int:
+        return int(self.frames.shape[2])
+
+    @property
+    def meta_dim(self) -> int:
+        return int(self.meta.shape[1])
+
+    def batches(self, batch_size: int, *, shuffle_seed: int | None = None) -> Iterator[Batch]:
+        frames, mask, meta = _tensors(self)
+        labels = None if self.labels is None else torch.from_numpy(np.ascontiguousarray(self.labels, np.float32))
+        order = (torch.arange(len(self)) if shuffle_seed is None
+                 else torch.randperm(len(self), generator=torch.Generator().manual_seed(shuffle_seed)))
+        for start in range(0, len(self), batch_size):
+            idx = order[start : start + batch_size]
+            yield frames[idx], mask[idx], meta[idx], None if labels is None else labels[idx]
+
 
 @dataclass
 class HeadFit:
@@ -71,6 +112,14 @@ class HeadFit:
     best_epoch: int
     best_valid_loss: float
     curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def select_frames(frames: np.ndarray, max_frames: int) -> np.ndarray:
+    """At most ``max_frames`` of a clip's (n, D) frames, spread evenly in time (the centres of equal segments)."""
+    n = len(frames)
+    if n <= max_frames:
+        return frames
+    return frames[((np.arange(max_frames) + 0.5) * n / max_frames).astype(np.int64)]
 
 
 def pad_frames(
@@ -91,9 +140,7 @@ def pad_frames(
             continue
         if arr.ndim != 2 or arr.shape[1] != dim:
             raise ValueError(f"clip {i}: embedding shape {arr.shape} is not (n_frames, {dim})")
-        n = len(arr)
-        if n > max_frames:
-            arr = arr[((np.arange(max_frames) + 0.5) * n / max_frames).astype(np.int64)]
+        arr = select_frames(arr, max_frames)
         frames[i, : len(arr)] = arr
         mask[i, : len(arr)] = True
     return frames, mask
@@ -182,16 +229,14 @@ def _tensors(data: HeadData) -> tuple[Tensor, Tensor, Tensor]:
     return frames, mask, torch.from_numpy(np.ascontiguousarray(data.meta, dtype=np.float32))
 
 
-def predict_head(model: FrameHead, data: HeadData, *, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, C) float64, in eval mode (no dropout, no augmentation)."""
+def predict_head(model: FrameHead, data: HeadSource, *, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, C) float64 in ``data``'s unshuffled row order, in eval mode (no dropout)."""
     device = next(model.parameters()).device
-    frames, mask, meta = _tensors(data)
     model.eval()
     out = []
     with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            sl = slice(start, start + batch_size)
-            logits = model(frames[sl].to(device), mask[sl].to(device), meta[sl].to(device))
+        for frames, mask, meta, _ in data.batches(batch_size):
+            logits = model(frames.to(device), mask.to(device), meta.to(device))
             out.append(torch.sigmoid(logits.double()).cpu().numpy())
     n_classes = int(model.init_kwargs["n_classes"])
     return np.concatenate(out) if out else np.zeros((0, n_classes), dtype=np.float64)
@@ -214,12 +259,12 @@ def _optimizer(model: nn.Module, cfg: HeadConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _check_fit_inputs(train: HeadData, valid: HeadData, class_prior: np.ndarray | None) -> None:
+def _check_fit_inputs(train: HeadSource, valid: HeadSource, class_prior: np.ndarray | None) -> None:
     if train.labels is None or valid.labels is None:
         raise ValueError("fit_head needs labels on both train and valid")
     if len(train) == 0 or len(valid) == 0:
         raise ValueError(f"fit_head needs rows in train ({len(train)}) and valid ({len(valid)})")
-    if train.frames.shape[2] != valid.frames.shape[2] or train.meta.shape[1] != valid.meta.shape[1]:
+    if train.embed_dim != valid.embed_dim or train.meta_dim != valid.meta_dim:
         raise ValueError("train and valid disagree on the embedding or metadata width")
     if train.labels.shape[1] != valid.labels.shape[1]:
         raise ValueError("train and valid disagree on the number of classes")
@@ -227,18 +272,24 @@ def _check_fit_inputs(train: HeadData, valid: HeadData, class_prior: np.ndarray 
         raise ValueError(f"class_prior shape {np.shape(class_prior)} != ({train.labels.shape[1]},)")
 
 
-def fit_head(train: HeadData, valid: HeadData, *, cfg: HeadConfig, seed: int,
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a fixed function of the fit's seed, so a rerun sees the same orders."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def fit_head(train: HeadSource, valid: HeadSource, *, cfg: HeadConfig, seed: int,
              class_prior: np.ndarray | None = None, frame_dropout: float = 0.1,
              device: str | torch.device = "cpu") -> HeadFit:
-    """Train a :class:`FrameHead` with early stopping on the valid log loss; keep the best epoch's weights.
+    """Train a :class:`FrameHead` with early stopping on the ``valid`` log loss; keep the best epoch's weights.
 
-    Deterministic on CPU for a fixed seed: initialisation and dropout use a forked, seeded global RNG (the
-    caller's RNG state is restored), shuffling and frame dropout a private ``torch.Generator``, and the
-    thread count is pinned to ``cfg.torch_threads`` (restored afterwards). ``frame_dropout`` hides real frames
-    at random while training only. ``valid_loss`` is exactly the competition metric on ``valid``.
+    ``valid`` is the rows early stopping watches (the fold's inner stopping split, never the rows the model is then
+    scored on). Either source may be in memory or streamed; each epoch reads ``train`` once in a shuffled order
+    and ``valid`` once in order. Deterministic on CPU for a fixed seed: initialisation and dropout use a forked,
+    seeded global RNG (the caller's RNG state is restored), the epoch orders a seed per epoch and frame dropout a
+    private ``torch.Generator``; the thread count is pinned to ``cfg.torch_threads`` (restored afterwards).
+    ``frame_dropout`` hides real frames at random while training only. ``valid_loss`` is the competition metric.
     """
     _check_fit_inputs(train, valid, class_prior)
-    assert train.labels is not None and valid.labels is not None
     threads = torch.get_num_threads()
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     torch.set_num_threads(cfg.torch_threads)
@@ -251,38 +302,49 @@ def fit_head(train: HeadData, valid: HeadData, *, cfg: HeadConfig, seed: int,
         torch.set_num_threads(threads)
 
 
-def _fit(train: HeadData, valid: HeadData, *, cfg: HeadConfig, seed: int, class_prior: np.ndarray | None,
-         frame_dropout: float, device: torch.device) -> HeadFit:
-    assert train.labels is not None and valid.labels is not None
-    model = FrameHead(embed_dim=train.frames.shape[2], meta_dim=train.meta.shape[1],
-                      n_classes=train.labels.shape[1], hidden=cfg.hidden, dropout=cfg.dropout,
-                      pooling=cfg.pooling)
+def _new_model(train: HeadSource, cfg: HeadConfig, class_prior: np.ndarray | None) -> FrameHead:
+    assert train.labels is not None
+    model = FrameHead(embed_dim=train.embed_dim, meta_dim=train.meta_dim, n_classes=train.labels.shape[1],
+                      hidden=cfg.hidden, dropout=cfg.dropout, pooling=cfg.pooling)
     if class_prior is not None:
         prior = torch.as_tensor(np.clip(class_prior, _PRIOR_EPS, 1 - _PRIOR_EPS), dtype=torch.float32)
         with torch.no_grad():
             model.classifier.bias.copy_(torch.logit(prior))
-    model.to(device)
+    return model
+
+
+def _train_epoch(model: FrameHead, optimizer: torch.optim.Optimizer, train: HeadSource, *, cfg: HeadConfig,
+                 shuffle_seed: int, frame_dropout: float, gen: torch.Generator, device: torch.device) -> float:
+    """One pass over ``train`` in the epoch's order; returns the mean training loss."""
+    model.train()
+    total, seen = 0.0, 0
+    for frames, mask, meta, labels in train.batches(cfg.batch_size, shuffle_seed=shuffle_seed):
+        assert labels is not None
+        batch_mask = _drop_frames(mask, frame_dropout, gen)
+        logits = model(frames.to(device), batch_mask.to(device), meta.to(device))
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(device))  # = the metric
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
+        optimizer.step()
+        total += float(loss.detach()) * len(labels)
+        seen += len(labels)
+    return total / max(seen, 1)
+
+
+def _fit(train: HeadSource, valid: HeadSource, *, cfg: HeadConfig, seed: int, class_prior: np.ndarray | None,
+         frame_dropout: float, device: torch.device) -> HeadFit:
+    assert valid.labels is not None
+    model = _new_model(train, cfg, class_prior).to(device)
     optimizer = _optimizer(model, cfg)
     gen = torch.Generator().manual_seed(seed)
-    frames, mask, meta = _tensors(train)
-    labels = torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32))
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     curve: list[dict[str, float]] = []
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order, total = torch.randperm(len(train), generator=gen), 0.0
-        for start in range(0, len(train), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            batch_mask = _drop_frames(mask[idx], frame_dropout, gen)
-            logits = model(frames[idx].to(device), batch_mask.to(device), meta[idx].to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, labels[idx].to(device))  # = the metric
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
+        train_loss = _train_epoch(model, optimizer, train, cfg=cfg, shuffle_seed=_epoch_seed(seed, epoch),
+                                  frame_dropout=frame_dropout, gen=gen, device=device)
         valid_loss = mean_log_loss(valid.labels, predict_head(model, valid))
-        curve.append({"epoch": epoch, "train_loss": total / len(train), "valid_loss": valid_loss})
+        curve.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss})
         if valid_loss < best_loss:
             best_loss, best_epoch, best_state = valid_loss, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:

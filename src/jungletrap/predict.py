@@ -42,7 +42,7 @@ from jungletrap.storage import (
     run_path,
     write_text_atomic,
 )
-from jungletrap.train_head import load_head_inputs, predict_head_models
+from jungletrap.train_head import predict_head_models
 from jungletrap.xgb import predict_xgb_models
 
 __all__ = ["predict_videos", "list_videos"]
@@ -78,9 +78,8 @@ def _xgb_proba(client: Client, run_dir: RunPath, features_dir: RunPath, index: p
 
 
 def _head_proba(run_dir: RunPath, embed_dir: RunPath, features_dir: RunPath, index: pd.Index) -> pd.DataFrame:
-    inputs = load_head_inputs(embed_dir, features_dir)
-    proba = predict_head_models(run_dir / "models" / "head", inputs)
-    return pd.DataFrame(proba, index=inputs.video_ids, columns=list(CLASS_NAMES)).loc[index]
+    """The fold heads' mean probabilities, streamed from the parts (one part and one batch in memory at a time)."""
+    return predict_head_models(run_dir / "models" / "head", embed_dir, features_dir).loc[index]
 
 
 def predict_videos(

@@ -2,8 +2,12 @@
 
 Artifacts: ``oof/<model>.parquet`` (one row per training clip), ``test/<model>.parquet`` (fold-averaged),
 ``models/<model>/`` (XGBoost UBJ, torch state_dicts + JSON), and ``train_metrics.json`` (per-fold scores and
-curves). XGBoost trains first (it needs the whole cluster's collective), then the head's folds run in
-parallel as Dask tasks that read their data from Parquet themselves.
+curves). Each fold's models fit on the training folds minus an inner early-stopping split
+(``train.early_stopping_fraction``, the same clips for every model) and stop on it; the held-out fold is only
+predicted. ``train_metrics.json`` keeps the two apart: ``stopping_log_loss`` (mean over folds of the loss at the
+stopping point, on the rows it was chosen on: optimistic) and ``oof_log_loss`` (the held-out folds: unbiased).
+XGBoost trains first (it needs the whole cluster's collective), then the head's folds run in parallel as Dask
+tasks that stream their data from Parquet themselves.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def _train_xgb(client: Client, cfg: JobConfig, run_dir: RunPath, catalog: pd.Dat
     rows = catalog.set_index(VIDEO_ID).loc[matrix.video_ids]
     return train_xgb_folds(client, matrix, rows[list(CLASS_NAMES)].to_numpy(np.float32), rows[SPLIT].to_numpy(),
                            rows[FOLD].to_numpy(), cfg.train.xgb, seed=cfg.run.seed, gpu=gpu,
-                           models_dir=run_dir / "models" / "xgb")
+                           models_dir=run_dir / "models" / "xgb",
+                           stopping_fraction=cfg.train.early_stopping_fraction)
 
 
 def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> dict[str, Any]:
@@ -75,6 +80,7 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> 
             cfg.train.head,
             cfg.run.seed,
             "cuda" if gpu else "cpu",
+            stopping_fraction=cfg.train.early_stopping_fraction,
             key=f"head-fold{k}-{path_token(run_dir)}",
             pure=False,
             resources=gpu_resources(gpu),
@@ -86,7 +92,8 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> 
     return {
         "oof": pd.concat([r["oof"] for r in results], ignore_index=True),
         "test": test.groupby(level=0).mean().reset_index(),
-        "folds": [{k: r[k] for k in ("fold", "best_epoch", "valid_logloss", "curve")} for r in results],
+        "folds": [{k: r[k] for k in ("fold", "best_epoch", "stopping_logloss", "oof_logloss", "n_fit", "n_stopping",
+                                     "curve")} for r in results],
     }
 
 
@@ -107,8 +114,9 @@ def run_train(client: Client, cfg: JobConfig, run_dir: RunPath, *, gpu: bool = F
         _write_predictions(oof, prediction_path(run_dir, "oof", model))
         _write_predictions(result["test"], prediction_path(run_dir, "test", model))
         score = _oof_score(oof, catalog)
-        summary[model] = {"oof_log_loss": score, "folds": result["folds"]}
-        log.info("train: %s out-of-fold log loss %.5f", model, score)
+        stopping = float(np.mean([f["stopping_logloss"] for f in result["folds"]]))
+        summary[model] = {"oof_log_loss": score, "stopping_log_loss": stopping, "folds": result["folds"]}
+        log.info("train: %s out-of-fold log loss %.5f (early-stopping rows: %.5f)", model, score, stopping)
     write_json_atomic(summary, run_dir / "train_metrics.json")
     return {m: round(v["oof_log_loss"], 6) for m, v in summary.items()}
 

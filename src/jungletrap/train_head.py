@@ -1,8 +1,13 @@
-"""Neural head over the folds: one Dask task per fold, each reading its inputs from the run's Parquet files.
+"""Neural head over the folds: one Dask task per fold, each streaming its rows from the run's Parquet parts.
 
 The head (:mod:`jungletrap.head`) sees the T×D frame embeddings (masked where a clip has fewer frames) and a
-metadata vector (container facts + pixel/motion statistics). The metadata scaler is fitted on the fold's
-training rows only and saved beside the weights, so prediction applies exactly the same transform.
+metadata vector (container facts + pixel/motion statistics). A fold fits on the training folds minus an inner
+early-stopping split (:mod:`jungletrap.stopping`), stops on that split, and only predicts its held-out fold and
+the test clips, so its out-of-fold score is not flattered by its stopping point. The metadata scaler is fitted on
+the fold's fit rows only and saved beside the weights, so prediction applies exactly the same transform.
+
+Rows are never held whole: every pass (a training epoch, the stopping loss, the held-out and test predictions,
+``predict``) streams the parts through :class:`jungletrap.head_stream.ClipStream`; see its module for the bound.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import json
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,83 +27,16 @@ import torch
 from jungletrap.catalog import fold_masks
 from jungletrap.cluster import worker_nthreads
 from jungletrap.config import HeadConfig
-from jungletrap.embed import read_embedding_meta
-from jungletrap.feature_fit import RELATIVE_FEATURES
-from jungletrap.features import embedding_parts, read_embedding_part
-from jungletrap.head import HeadData, build_head, fit_head, pad_frames, predict_head
-from jungletrap.schema import (
-    CLASS_NAMES,
-    EMBEDDING,
-    FOLD,
-    PIXEL_COLUMNS,
-    SPLIT,
-    SPLIT_TEST,
-    VIDEO_ID,
-)
+from jungletrap.head import build_head, fit_head, predict_head
+from jungletrap.head_stream import META_FEATURES, ClipStream, MetaScaler, PartIndex, fit_meta_scaler
+from jungletrap.metrics import mean_log_loss
+from jungletrap.schema import CLASS_NAMES, FOLD, SPLIT, SPLIT_TEST, VIDEO_ID
+from jungletrap.stopping import stopping_mask
 from jungletrap.storage import RunPath, read_parquet, run_path, write_bytes_atomic, write_text_atomic
-from jungletrap.udfs.features import CONTAINER_FEATURES
 
-__all__ = ["HeadInputs", "load_head_inputs", "MetaScaler", "train_head_fold", "predict_head_models", "META_FEATURES"]
+__all__ = ["META_FEATURES", "MetaScaler", "predict_head_models", "train_head_fold"]
 
 log = logging.getLogger(__name__)
-
-META_FEATURES: tuple[str, ...] = (*CONTAINER_FEATURES, *PIXEL_COLUMNS, *RELATIVE_FEATURES)
-_LOG_COLUMNS = ("size_bytes", "bit_rate", "bytes_per_second", "bytes_per_pixel", "declared_frames",
-                "decoded_frames", "width", "height", *RELATIVE_FEATURES)
-
-
-@dataclass
-class HeadInputs:
-    """Every video's frame embeddings and raw metadata, aligned by row."""
-
-    video_ids: np.ndarray
-    embeddings: list[np.ndarray]  # (n_i, D) float32
-    meta: pd.DataFrame  # raw META_FEATURES
-    embed_dim: int
-
-
-def load_head_inputs(embed_dir: RunPath, features_dir: RunPath) -> HeadInputs:
-    """Read embeddings and the metadata columns of the feature table for every video."""
-    parts = [read_embedding_part(p) for p in embedding_parts(embed_dir)]
-    frame = pd.concat(parts, ignore_index=True)
-    meta = read_parquet(features_dir, columns=[VIDEO_ID, *META_FEATURES]).set_index(VIDEO_ID)
-    meta = meta.reindex(frame[VIDEO_ID].to_numpy())
-    dim = int(read_embedding_meta(embedding_parts(embed_dir)[0])["feature_dim"])
-    embeddings = [np.asarray(e, dtype=np.float32).reshape(-1, dim) for e in frame[EMBEDDING]]
-    return HeadInputs(frame[VIDEO_ID].to_numpy(dtype=object), embeddings, meta.reset_index(drop=True), dim)
-
-
-@dataclass
-class MetaScaler:
-    """log1p on size-like columns, then standardisation fitted on training rows; NaN becomes 0 (the mean)."""
-
-    mean: dict[str, float]
-    std: dict[str, float]
-
-    @classmethod
-    def fit(cls, meta: pd.DataFrame) -> MetaScaler:
-        x = cls._log(meta)
-        return cls(mean={c: float(np.nan_to_num(x[c].mean())) for c in x},
-                   std={c: float(x[c].std()) if x[c].std() > 0 else 1.0 for c in x})
-
-    @staticmethod
-    def _log(meta: pd.DataFrame) -> pd.DataFrame:
-        x = meta[list(META_FEATURES)].astype(np.float64).copy()
-        for c in _LOG_COLUMNS:
-            x[c] = np.log1p(x[c].clip(lower=0))
-        return x
-
-    def transform(self, meta: pd.DataFrame) -> np.ndarray:
-        x = self._log(meta)
-        z = (x - pd.Series(self.mean)) / pd.Series(self.std)
-        return np.nan_to_num(z.to_numpy(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _data(inputs: HeadInputs, rows: np.ndarray, scaler: MetaScaler, cfg: HeadConfig,
-          labels: np.ndarray | None) -> HeadData:
-    frames, mask = pad_frames([inputs.embeddings[i] for i in rows], max_frames=cfg.max_frames, dim=inputs.embed_dim)
-    meta = scaler.transform(inputs.meta.iloc[rows])
-    return HeadData(frames=frames, mask=mask, meta=meta, labels=labels)
 
 
 def _import_torch_dynamo() -> None:
@@ -117,6 +54,24 @@ def _import_torch_dynamo() -> None:
         pool.submit(importlib.import_module, "torch._dynamo").result()
 
 
+def _fold_rows(catalog: pd.DataFrame, fold: int, *, fraction: float, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Masks over the catalog's rows: fit, early-stopping, held-out (the fold) and test."""
+    split, y = catalog[SPLIT].to_numpy(), catalog[list(CLASS_NAMES)].to_numpy(np.float32)
+    train, held = fold_masks(split, catalog[FOLD].to_numpy(), fold)
+    stop = stopping_mask(catalog[VIDEO_ID].to_numpy(), y, train, fraction=fraction, seed=seed + fold)
+    return train & ~stop, stop, held, split == SPLIT_TEST
+
+
+def _save(result: Any, scaler: MetaScaler, cfg: HeadConfig, out_dir: RunPath, fold: int) -> None:
+    weights = io.BytesIO()
+    torch.save(result.state_dict, weights)
+    write_bytes_atomic(weights.getvalue(), out_dir / f"fold{fold}.pt")
+    write_text_atomic(json.dumps(
+        {"init_kwargs": result.init_kwargs, "scaler": {"mean": scaler.mean, "std": scaler.std},
+         "max_frames": cfg.max_frames}, indent=2), out_dir / f"fold{fold}.json")
+
+
 def train_head_fold(
     catalog_path: RunPath | str,
     embed_dir: RunPath | str,
@@ -126,37 +81,45 @@ def train_head_fold(
     cfg: HeadConfig,
     seed: int,
     device: str = "cpu",
+    *,
+    stopping_fraction: float = 0.125,
 ) -> dict[str, Any]:
-    """Dask task: fit the head on the other folds, predict the held-out fold and the test clips, save weights."""
+    """Dask task: fit the head on the other folds (minus the stopping rows), predict the held-out fold and the test.
+
+    Peak memory does not depend on the number of clips N except through per-clip bookkeeping (ids, split, fold,
+    labels and metadata columns: ~400 bytes a clip, ~80 MB at 200,000 clips). The embeddings are streamed: one
+    embed part's row group at a time + ``cfg.shuffle_buffer`` clips x ``cfg.max_frames`` x D float16 + one float32
+    batch (1024 x 45 x 1280 x 2 bytes = 118 MB for the buffer at the defaults with a 1280-d backbone); the model
+    and optimizer are independent of N. Folds run as parallel Dask tasks (one GPU each when present).
+    """
     _import_torch_dynamo()
     torch.set_num_threads(max(cfg.torch_threads, worker_nthreads()))
-    inputs = load_head_inputs(run_path(embed_dir), run_path(features_dir))
-    catalog = read_parquet(catalog_path, columns=[VIDEO_ID, SPLIT, FOLD, *CLASS_NAMES]).set_index(VIDEO_ID)
-    catalog = catalog.reindex(inputs.video_ids)
-    fit_mask, valid_mask = fold_masks(catalog[SPLIT].to_numpy(), catalog[FOLD].to_numpy(), fold)
-    fit_rows, valid_rows = np.flatnonzero(fit_mask), np.flatnonzero(valid_mask)
-    test_rows = np.flatnonzero((catalog[SPLIT] == SPLIT_TEST).to_numpy())
-    y = catalog[list(CLASS_NAMES)].to_numpy(np.float32)
-    scaler = MetaScaler.fit(inputs.meta.iloc[fit_rows])
-    train_data = _data(inputs, fit_rows, scaler, cfg, y[fit_rows])
-    valid_data = _data(inputs, valid_rows, scaler, cfg, y[valid_rows])
-    result = fit_head(train_data, valid_data, cfg=cfg, seed=seed + fold, class_prior=y[fit_rows].mean(axis=0),
+    catalog = read_parquet(catalog_path, columns=[VIDEO_ID, SPLIT, FOLD, *CLASS_NAMES])
+    index = PartIndex.open(run_path(embed_dir), run_path(features_dir))
+    fit, stop, held, test = _fold_rows(catalog, fold, fraction=stopping_fraction, seed=seed)
+    ids, y = catalog[VIDEO_ID].to_numpy(dtype=object), catalog[list(CLASS_NAMES)].to_numpy(np.float32)
+    scaler = fit_meta_scaler(index, ids[fit])
+
+    def stream(rows: np.ndarray, labelled: bool = True) -> ClipStream:
+        return ClipStream(index, ids[rows], labels=y[rows] if labelled else None, scaler=scaler,
+                          max_frames=cfg.max_frames, shuffle_buffer=cfg.shuffle_buffer)
+
+    held_out, test_clips = stream(held), stream(test, labelled=False)
+    result = fit_head(stream(fit), stream(stop), cfg=cfg, seed=seed + fold, class_prior=y[fit].mean(axis=0),
                       device=device)
-    model = build_head(result.init_kwargs, result.state_dict)
-    out_dir = run_path(models_dir)
-    weights = io.BytesIO()
-    torch.save(result.state_dict, weights)
-    write_bytes_atomic(weights.getvalue(), out_dir / f"fold{fold}.pt")
-    write_text_atomic(json.dumps(
-        {"init_kwargs": result.init_kwargs, "scaler": {"mean": scaler.mean, "std": scaler.std},
-         "max_frames": cfg.max_frames}, indent=2), out_dir / f"fold{fold}.json")
-    test_data = _data(inputs, test_rows, scaler, cfg, None)
+    _save(result, scaler, cfg, run_path(models_dir), fold)
+    model = build_head(result.init_kwargs, result.state_dict).to(device)
+    oof = predict_head(model, held_out)
+    assert held_out.labels is not None
     return {
         "fold": fold,
-        "oof": _frame(inputs.video_ids[valid_rows], predict_head(model, valid_data)),
-        "test": _frame(inputs.video_ids[test_rows], predict_head(model, test_data)),
+        "oof": _frame(held_out.video_ids, oof),
+        "test": _frame(test_clips.video_ids, predict_head(model, test_clips)),
         "best_epoch": result.best_epoch,
-        "valid_logloss": result.best_valid_loss,
+        "stopping_logloss": result.best_valid_loss,
+        "oof_logloss": mean_log_loss(held_out.labels, oof),
+        "n_fit": int(fit.sum()),
+        "n_stopping": int(stop.sum()),
         "curve": result.curve,
     }
 
@@ -167,18 +130,23 @@ def _frame(video_ids: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
     return out
 
 
-def predict_head_models(models_dir: RunPath, inputs: HeadInputs) -> np.ndarray:
-    """Average the fold heads' probabilities for ``inputs`` (the predict path)."""
-    probas = []
-    for spec_path in sorted(models_dir.glob("fold*.json")):
+def predict_head_models(models_dir: RunPath, embed_dir: RunPath, features_dir: RunPath) -> pd.DataFrame:
+    """Average the fold heads' probabilities over every clip of a run's parts, streamed (the predict path).
+
+    Memory as for a fold task without the shuffle buffer: one part and one batch at a time, per model.
+    """
+    index = PartIndex.open(embed_dir, features_dir)
+    ids = np.concatenate([p.video_ids for p in index.parts])
+    total: np.ndarray | None = None
+    specs = sorted(models_dir.glob("fold*.json"))
+    for spec_path in specs:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
         state = torch.load(io.BytesIO(spec_path.with_suffix(".pt").read_bytes()), map_location="cpu",
                            weights_only=True)
-        model = build_head(spec["init_kwargs"], state)
         scaler = MetaScaler(mean=spec["scaler"]["mean"], std=spec["scaler"]["std"])
-        frames, mask = pad_frames(inputs.embeddings, max_frames=spec["max_frames"], dim=inputs.embed_dim)
-        data = HeadData(frames=frames, mask=mask, meta=scaler.transform(inputs.meta), labels=None)
-        probas.append(predict_head(model, data))
-    if not probas:
+        stream = ClipStream(index, ids, scaler=scaler, max_frames=spec["max_frames"])
+        proba = predict_head(build_head(spec["init_kwargs"], state), stream)
+        total = proba if total is None else total + proba
+    if total is None:
         raise FileNotFoundError(f"no head models in {models_dir}")
-    return np.mean(probas, axis=0)
+    return pd.DataFrame(total / len(specs), index=pd.Index(ids, name=VIDEO_ID), columns=list(CLASS_NAMES))

@@ -1,8 +1,9 @@
 """Distributed XGBoost over the folds: ``xgboost.dask`` on the feature table, one multi-label model per fold.
 
 The label is the 24-column 0/1 matrix (XGBoost's multi-label mode, ``binary:logistic`` per output), so one
-booster per fold serves every class. Early stopping watches the fold's own validation rows; out-of-fold
-predictions cover every training clip exactly once and test predictions average the fold models. No class
+booster per fold serves every class. Early stopping watches an inner split of the fold's training rows (never
+the held-out fold, whose score it would flatter); out-of-fold predictions cover every training clip exactly once
+and test predictions average the fold models. No class
 reweighting: the metric is log loss, where calibrated probabilities matter more than recall.
 Training runs one model at a time (two concurrent ``xgboost.dask`` trainings can deadlock its collective).
 
@@ -34,7 +35,9 @@ from distributed import Client, Future
 from jungletrap.catalog import fold_masks
 from jungletrap.cluster import relax_malloc_trim
 from jungletrap.config import XGBConfig
+from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
+from jungletrap.stopping import stopping_mask
 from jungletrap.storage import RunPath, is_remote, read_schema, read_table, write_bytes_atomic, write_json_atomic
 
 XGBResult = dict[str, Any]
@@ -204,6 +207,20 @@ def _predict(client: Client, booster: xgb.Booster | Future, X: da.Array, margin:
     return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds), base_margin=_margin(X, margin))
 
 
+def _fold_data(client: Client, matrix: FeatureMatrix, Y: da.Array, fit: np.ndarray, stop: np.ndarray,
+               margin: np.ndarray, cfg: XGBConfig) -> tuple[Any, Any, list[str]]:
+    """The fold's fit and early-stopping ``DaskDMatrix`` es, each with a block on every one of the fold's workers.
+
+    The fold trains on no more workers than there are stopping rows, so no training worker lacks either matrix.
+    """
+    workers = fold_workers(client, int(fit.sum()), cfg)[: max(1, int(stop.sum()))]
+    x_fit, y_fit, x_stop, y_stop = (spread(client, take_rows(a, rows), workers)
+                                    for rows in (fit, stop) for a in (matrix.X, Y))
+    m_fit, m_stop = (spread(client, _margin(x, margin), workers) for x in (x_fit, x_stop))
+    return (xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=m_fit),
+            xgb.dask.DaskDMatrix(client, x_stop, y_stop, base_margin=m_stop), workers)
+
+
 def train_xgb_folds(
     client: Client,
     matrix: FeatureMatrix,
@@ -215,8 +232,13 @@ def train_xgb_folds(
     seed: int,
     gpu: bool,
     models_dir: RunPath,
+    stopping_fraction: float = 0.125,
 ) -> XGBResult:
-    """Train one booster per fold; return OOF and averaged test predictions, per-fold scores and curves."""
+    """Train one booster per fold; return OOF and averaged test predictions, per-fold scores and curves.
+
+    A fold's booster fits on the training folds minus the inner stopping split (:mod:`jungletrap.stopping`,
+    ``stopping_fraction`` of them), stops early on that split and only predicts the held-out fold.
+    """
     if not is_remote(models_dir):
         models_dir.mkdir(parents=True, exist_ok=True)
     is_train, is_test = split == SPLIT_TRAIN, split == SPLIT_TEST
@@ -226,30 +248,30 @@ def train_xgb_folds(
     client.run(relax_malloc_trim)
     oof_parts, test_probas, folds_info = [], [], []
     for k in sorted(set(folds[is_train].tolist())):
-        fit, valid = fold_masks(split, folds, k)
+        train, held = fold_masks(split, folds, k)
+        stop = stopping_mask(matrix.video_ids, labels, train, fraction=stopping_fraction, seed=seed + k)
+        fit = train & ~stop
         margin = prior_margin(labels[fit])
-        workers = fold_workers(client, int(fit.sum()), cfg)
-        x_fit, y_fit, x_valid, y_valid = (spread(client, take_rows(a, rows), workers)
-                                          for rows in (fit, valid) for a in (matrix.X, Y))
-        m_fit, m_valid = (spread(client, _margin(x, margin), workers) for x in (x_fit, x_valid))
-        dtrain = xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=m_fit)
-        dvalid = xgb.dask.DaskDMatrix(client, x_valid, y_valid, base_margin=m_valid)
+        dtrain, dstop, workers = _fold_data(client, matrix, Y, fit, stop, margin, cfg)
         params = {**xgb_params(cfg, seed=seed + k, gpu=gpu), "nthread": fold_threads(client, workers)}
         out = xgb.dask.train(client, params, dtrain,
-                             num_boost_round=cfg.n_estimators, evals=[(dvalid, "valid")],
+                             num_boost_round=cfg.n_estimators, evals=[(dstop, "stopping")],
                              early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
         booster: xgb.Booster = out["booster"]
         n_rounds = int(booster.best_iteration) + 1
         write_bytes_atomic(bytes(booster.save_raw("ubj")), models_dir / f"fold{k}.ubj")  # local path or URL
         on_workers = client.scatter(booster, hash=False)  # once for both predictions (no broadcast: can hang)
         oof_proba, test_proba = client.compute([_predict(client, on_workers, x, margin, n_rounds)
-                                                for x in (x_valid, x_test)], sync=True)
-        oof_parts.append(_frame(matrix.video_ids[valid], oof_proba))
+                                                for x in (take_rows(matrix.X, held), x_test)], sync=True)
+        oof_parts.append(_frame(matrix.video_ids[held], oof_proba))
         test_probas.append(test_proba)
-        curve = [float(v) for v in out["history"]["valid"]["logloss"]]
-        folds_info.append({"fold": int(k), "best_iteration": n_rounds, "valid_logloss": curve[n_rounds - 1],
-                           "valid_curve": curve, "margin": margin.tolist()})
-        log.info("xgb fold %d: %d rounds, valid logloss %.4f", k, n_rounds, curve[n_rounds - 1])
+        curve = [float(v) for v in out["history"]["stopping"]["logloss"]]
+        folds_info.append({"fold": int(k), "best_iteration": n_rounds, "stopping_logloss": curve[n_rounds - 1],
+                           "oof_logloss": mean_log_loss(labels[held], np.asarray(oof_proba)),
+                           "n_fit": int(fit.sum()), "n_stopping": int(stop.sum()), "stopping_curve": curve,
+                           "margin": margin.tolist()})
+        log.info("xgb fold %d: %d rounds, stopping logloss %.4f, held-out fold %.4f", k, n_rounds,
+                 curve[n_rounds - 1], folds_info[-1]["oof_logloss"])
     write_json_atomic({"features": matrix.features,
                        "folds": [{k: f[k] for k in ("fold", "best_iteration", "margin")} for f in folds_info]},
                       models_dir / "features.json")
