@@ -130,3 +130,11 @@ def test_a_task_that_outgrows_its_worker_fails_naming_the_stage_and_the_limit() 
     text = str(err.value)
     assert text.startswith("features: task") and "killed its worker 2 times" in text and "400.00 MiB" in text
     assert "cluster.memory_limit" in text
+
+
+def test_the_report_lists_a_bounded_number_of_failed_videos() -> None:
+    from jungletrap.report import MAX_FAILURES_SHOWN, _failures
+
+    failed = pd.DataFrame({"video_id": [f"v{i}.mp4" for i in range(1000)], "error": ["x: cannot decode"] * 1000})
+    page = _failures(failed)
+    assert page.count("<tr>") <= MAX_FAILURES_SHOWN + 1 and "1000 video(s)" in page and "first 200" in page
