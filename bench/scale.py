@@ -6,7 +6,8 @@ fresh 2-worker x 1-thread LocalCluster the bench runs, one at a time: ``features
 ``xgb`` and ``head`` (the train stage, one model each), ``ensemble`` (the pipeline stage, report included) and
 ``predict`` (what ``jungletrap predict`` does after embedding: the features with the run's fitted transform,
 both models' fold averages, the blend, over every clip). Before each stage every worker's and the client's
-peak RSS is reset (``/proc/<pid>/clear_refs``), after it the peaks are read: each worker process plus its
+peak RSS is reset (workers restarted, then ``/proc/<pid>/clear_refs``), after it the peaks are read (each size
+runs in its own Python process): each worker process plus its
 children (decoders, none after embed), and the client process alone (it also hosts the LocalCluster's scheduler
 and nannies; the worker processes are its children, measured on their own).
 
@@ -20,11 +21,14 @@ feature matrix (rows x features x 4 B / workers); total wall time grows <= 1.1x 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,9 @@ def peak_mib(children: bool = True) -> float:
 
 
 def measure(client: Any, fn: Callable[[], Any]) -> dict[str, Any]:
+    """Wall time and peaks of one stage, on freshly restarted workers (a worker's RSS does not drop after a stage:
+    without the restart, the head's memory would count as the next stage's peak)."""
+    client.restart(timeout=300)
     client.run(reset_peaks)
     reset_peaks(children=False)  # the client's children are the LocalCluster's workers, measured on their own
     start = time.perf_counter()
@@ -134,7 +141,7 @@ def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: P
     result["generate_s"] = round(time.perf_counter() - start, 2)
     result["disk_mib"] = round(sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) / 2**20, 1)
     full = _cfg(run_dir, rounds, epochs)
-    with open_client(full.cluster) as (client, info):
+    with _closing_may_time_out(), open_client(full.cluster) as (client, info):
         ctx = StageContext(client, full, run_dir, info)
         metrics: dict[str, Any] = {}
         steps = {
@@ -153,6 +160,15 @@ def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: P
     result["n_features"] = len(json.loads((run_dir / "models" / "xgb" / "features.json").read_text())["features"])
     result["total_s"] = round(time.perf_counter() - start, 2)
     return result
+
+
+@contextlib.contextmanager
+def _closing_may_time_out() -> Iterator[None]:
+    """A worker slow to exit when the cluster closes (a loaded machine) must not cost the figures measured."""
+    try:
+        yield
+    except TimeoutError as err:
+        print(f"  (cluster close timed out: {err!r}; figures kept)", flush=True)
 
 
 def _cfg_for_cluster() -> Any:
@@ -209,11 +225,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=20, help="XGBoost rounds (early stopping after 5)")
     parser.add_argument("--epochs", type=int, default=2, help="head epochs (patience 1)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory, removed")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one size, results to this JSON file
     args = parser.parse_args(argv)
+    if args.single:
+        one = run_size(args.sizes[0], dim=args.dim, frames=args.frames, rounds=args.rounds, epochs=args.epochs,
+                       work=args.work_dir)
+        Path(args.single).write_text(json.dumps(one))
+        return one
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
-        runs = {n: run_size(n, dim=args.dim, frames=args.frames, rounds=args.rounds, epochs=args.epochs, work=work)
-                for n in args.sizes}
+        runs = {n: _run_in_process(n, args, work) for n in args.sizes}
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -226,6 +247,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _print(result)
     save_results("scale", result)
     return result
+
+
+def _run_in_process(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One size in a fresh Python process: the client's peak RSS must not carry the other size's allocations."""
+    out = work / f"scale-{n}.json"
+    cmd = [sys.executable, "-m", "bench.scale", "--sizes", str(n), str(n), "--dim", str(args.dim), "--frames",
+           str(args.frames), "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--work-dir", str(work),
+           "--single", str(out)]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.read_text())
 
 
 def _print(result: dict[str, Any]) -> None:

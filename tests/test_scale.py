@@ -53,6 +53,7 @@ def test_rehearsal_parts_have_the_embed_stage_schema_and_metadata(dask_client: C
     for part in parts:
         assert pq.read_schema(part).remove_metadata().equals(pq.read_schema(real).remove_metadata())
         assert pq.read_schema(part).remove_metadata().equals(EMBED_SCHEMA)
+        assert pq.read_schema(part).metadata.keys() == pq.read_schema(real).metadata.keys()
         meta = read_embedding_meta(part)
         assert meta.keys() == real_meta.keys()
         assert {k: v for k, v in meta.items() if k not in ("rows_hash", "n_rows")} == \
