@@ -21,14 +21,13 @@ feature matrix (rows x features x 4 B / workers); total wall time grows <= 1.1x 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,10 @@ def peak_mib(children: bool = True) -> float:
 def measure(client: Any, fn: Callable[[], Any]) -> dict[str, Any]:
     """Wall time and peaks of one stage, on freshly restarted workers (a worker's RSS does not drop after a stage:
     without the restart, the head's memory would count as the next stage's peak)."""
-    client.restart(timeout=300)
+    try:
+        client.restart(timeout=300)
+    except TimeoutError as err:  # a loaded machine: measure anyway, from the workers' current RSS
+        print(f"  (worker restart timed out: {err}; peaks start from the current RSS)", flush=True)
     client.run(reset_peaks)
     reset_peaks(children=False)  # the client's children are the LocalCluster's workers, measured on their own
     start = time.perf_counter()
@@ -128,7 +130,6 @@ def _predict(client: Any, run_dir: Path, cfg: Any) -> None:
 
 def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: Path) -> dict[str, Any]:
     from jungletrap.cluster import open_client
-    from jungletrap.pipeline import StageContext, run_pipeline
     from jungletrap.synthetic_embeddings import RehearsalSpec, write_rehearsal
 
     run_dir = work / f"scale-{n}"
@@ -141,20 +142,15 @@ def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: P
     result["generate_s"] = round(time.perf_counter() - start, 2)
     result["disk_mib"] = round(sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) / 2**20, 1)
     full = _cfg(run_dir, rounds, epochs)
-    with _closing_may_time_out(), open_client(full.cluster) as (client, info):
-        ctx = StageContext(client, full, run_dir, info)
-        metrics: dict[str, Any] = {}
-        steps = {
-            "features": lambda: run_pipeline(ctx, stages=["features"]),
-            "xgb": lambda: _train_one(client, run_dir, _cfg(run_dir, rounds, epochs, ["xgb"]), metrics),
-            "head": lambda: _train_one(client, run_dir, _cfg(run_dir, rounds, epochs, ["head"]), metrics),
-            "ensemble": lambda: (_write_json(run_dir / "train_metrics.json", metrics),
-                                 run_pipeline(ctx, stages=["ensemble"], force=True)),
-            "predict": lambda: _predict(client, run_dir, full),
-        }
-        for stage, step in steps.items():
-            result[stage] = measure(client, step)
-            print(f"  {n} clips, {stage}: {result[stage]}", flush=True)
+    cluster = open_client(full.cluster)
+    client, info = cluster.__enter__()
+    try:
+        _run_stages(client, info, run_dir, full, rounds, epochs, result)
+    finally:
+        try:
+            cluster.__exit__(None, None, None)
+        except TimeoutError as err:  # a worker slow to exit (a loaded machine) must not cost the figures
+            print(f"  (cluster close timed out: {err!r}; figures kept)", flush=True)
     out = json.loads((run_dir / "metrics.json").read_text())
     result["oof_log_loss"] = {m: v["mean_log_loss"] for m, v in out["oof"].items()}
     result["n_features"] = len(json.loads((run_dir / "models" / "xgb" / "features.json").read_text())["features"])
@@ -162,13 +158,23 @@ def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: P
     return result
 
 
-@contextlib.contextmanager
-def _closing_may_time_out() -> Iterator[None]:
-    """A worker slow to exit when the cluster closes (a loaded machine) must not cost the figures measured."""
-    try:
-        yield
-    except TimeoutError as err:
-        print(f"  (cluster close timed out: {err!r}; figures kept)", flush=True)
+def _run_stages(client: Any, info: Any, run_dir: Path, full: Any, rounds: int, epochs: int,
+                result: dict[str, Any]) -> None:
+    from jungletrap.pipeline import StageContext, run_pipeline
+
+    ctx = StageContext(client, full, run_dir, info)
+    metrics: dict[str, Any] = {}
+    steps = {
+        "features": lambda: run_pipeline(ctx, stages=["features"]),
+        "xgb": lambda: _train_one(client, run_dir, _cfg(run_dir, rounds, epochs, ["xgb"]), metrics),
+        "head": lambda: _train_one(client, run_dir, _cfg(run_dir, rounds, epochs, ["head"]), metrics),
+        "ensemble": lambda: (_write_json(run_dir / "train_metrics.json", metrics),
+                             run_pipeline(ctx, stages=["ensemble"], force=True)),
+        "predict": lambda: _predict(client, run_dir, full),
+    }
+    for stage, step in steps.items():
+        result[stage] = measure(client, step)
+        print(f"  {result['clips']} clips, {stage}: {result[stage]}", flush=True)
 
 
 def _cfg_for_cluster() -> Any:

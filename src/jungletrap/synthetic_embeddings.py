@@ -129,7 +129,7 @@ def rehearsal_config(out: Path, spec: RehearsalSpec) -> JobConfig:
         "data": {"videos": str(out / "videos"), "labels": str(out / "train_labels.csv"),
                  "submission_format": str(out / "submission_format.csv"),
                  "test_labels": str(out / "test_labels.csv")},
-        "catalog": {"videos_per_partition": spec.videos_per_partition},
+        "catalog": {"videos_per_partition": spec.videos_per_partition, "partition_bytes": 0},  # parts of N clips
         "embed": {"backbone": backbone_for_dim(spec.dim), "sample_fps": SAMPLE_FPS,
                   "max_seconds": spec.frames / SAMPLE_FPS},
     }
