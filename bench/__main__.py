@@ -1,6 +1,7 @@
 """``python -m bench`` (``make bench``): every benchmark in one go, each printing its table, then a summary.
 
-The embed and memory benchmarks make their own clips; the feature and XGBoost benchmarks use a finished run's
+The embed and memory benchmarks make their own clips, the scale rehearsal its own embeddings (``--scale-sizes``,
+default 2,000 and 20,000 clips: the longest benchmark); the feature and XGBoost benchmarks use a finished run's
 feature table (``--run-dir``, default ``runs/demo``: run ``make demo`` first); the GPU benchmark runs where torch
 sees a CUDA device. Results are merged into ``bench/results.json``; the summary (the issue's named keys, each
 with its target) is saved there under ``summary``.
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import embed, features, gpu, memory, xgb
+from bench import embed, features, gpu, memory, scale, xgb
 from bench.common import RESULTS_PATH, machine, print_table, save_results
 
 #: Summary key -> (section, key in that section, target as (comparison, bound) or None).
@@ -31,6 +32,10 @@ SUMMARY: dict[str, tuple[str, str, tuple[str, float] | None]] = {
     "peak_rss_mib_large": ("memory", "peak_rss_mib_large", None),
     "peak_rss_growth": ("memory", "peak_rss_growth", ("<=", 0.10)),
     "xgb_dask_over_single": ("xgb", "xgb_dask_over_single", ("<=", 1.5)),
+    **{f"scale_{k}": ("scale", k, ("<=", 0.10)) for k in (*(f"{s}_worker_peak_growth" for s in scale.BOUNDED),
+                                                          "client_peak_growth")},
+    "scale_xgb_growth_over_worker_share": ("scale", "xgb_growth_over_worker_share", ("<=", 3.0)),
+    "scale_wall_growth_over_size_ratio": ("scale", "wall_growth_over_size_ratio", ("<=", 1.1)),
 }
 
 
@@ -57,6 +62,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--scale-sizes", type=int, nargs=2, default=[2000, 20000], metavar=("SMALL", "LARGE"))
     args = parser.parse_args()
     start = time.perf_counter()
     embed.main([])
@@ -67,6 +73,7 @@ def main() -> None:
     else:
         print(f"\n{args.run_dir} has no feature table: run `make demo` for the feature and XGBoost benchmarks")
     gpu.main([])
+    scale.main(["--sizes", *map(str, args.scale_sizes)])
     results = json.loads(RESULTS_PATH.read_text())
     summary = summarize(results)
     summary["bench_seconds"] = time.perf_counter() - start

@@ -213,6 +213,37 @@ def demo_data(
     typer.echo(f"demo data written to {out}")
 
 
+@app.command("demo-embeddings")
+def demo_embeddings(
+    out: Annotated[Path, typer.Option(help="Run directory to create (new or empty).")],
+    n: Annotated[int, typer.Option(help="Number of clips (train and test).")],
+    dim: Annotated[int, typer.Option(help="Embedding size: a registered backbone's (1280, 3840 or 64).")] = 1280,
+    frames: Annotated[int, typer.Option(help="Most frames a clip (3 fps x frames/3 s).")] = 45,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    videos_per_partition: Annotated[int, typer.Option(help="Clips per embedding part.")] = 32,
+    scheduler: SchedOpt = None,
+    scheduler_file: SchedFileOpt = None,
+) -> None:
+    """Write a finished catalog + embed stage for N synthetic clips (no video decoded), to rehearse the rest."""
+    _setup_logging()
+    from jungletrap.cluster import ClusterError, open_client
+    from jungletrap.synthetic_embeddings import RehearsalSpec, rehearsal_config, write_rehearsal
+
+    try:
+        spec = RehearsalSpec(n=n, dim=dim, frames=frames, seed=seed, videos_per_partition=videos_per_partition)
+        cluster = rehearsal_config(out, spec).cluster
+        with open_client(cluster, address=scheduler,
+                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
+            typer.echo(f"dask dashboard: {info.dashboard_link} ({info.kind} cluster, {info.n_workers} workers)")
+            counts = write_rehearsal(client, out, spec)
+    except (ValueError, FileExistsError, ClusterError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"rehearsal run written to {counts['run_dir']}: {counts['embedded']} clips embedded "
+               f"({counts['backbone']}), {counts['failed']} error rows, {counts['partitions']} parts")
+    typer.echo(f"continue from features: jungletrap run --config {counts['run_dir']}/config.yaml")
+
+
 @app.command()
 def predict(
     run_dir: Annotated[str, typer.Option("--run-dir", help="A finished run (path or URL).")],

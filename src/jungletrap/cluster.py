@@ -34,6 +34,10 @@ __all__ = [
     "gpu_resources",
     "worker_nthreads",
     "relax_malloc_trim",
+    "StageMemoryError",
+    "WORKER_MEMORY",
+    "explain_lost_workers",
+    "worker_memory_limits",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,64 @@ log = logging.getLogger(__name__)
 
 class ClusterError(RuntimeError):
     """The requested cluster cannot be created or reached; the message says why and what to do."""
+
+
+class StageMemoryError(RuntimeError):
+    """A stage's task kept killing its workers (most likely out of memory); the message names the stage and limit."""
+
+
+#: Worker memory thresholds of the clusters jungletrap starts, as fractions of ``cluster.memory_limit`` (Dask's
+#: defaults, stated here because the job relies on them): above ``target``/``spill`` a worker writes task results
+#: to its local disk, above ``pause`` it starts no new task, and above ``terminate`` its nanny kills and restarts
+#: it. A task that needs more than a worker has therefore ends in ``terminate``, not in swap; after Dask's
+#: ``distributed.scheduler.allowed-failures`` kills (3) it gives up on the task (``KilledWorker``), which
+#: :func:`explain_lost_workers` turns into a :class:`StageMemoryError` naming the stage and the limit.
+WORKER_MEMORY: dict[str, float] = {
+    "distributed.worker.memory.target": 0.6,
+    "distributed.worker.memory.spill": 0.7,
+    "distributed.worker.memory.pause": 0.8,
+    "distributed.worker.memory.terminate": 0.95,
+}
+
+
+def worker_memory_limits(client: Client) -> dict[str, int]:
+    """Each worker's memory limit in bytes (0: none), from the scheduler."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return {addr: int(w.get("memory_limit") or 0) for addr, w in workers.items()}
+
+
+def _format_bytes(n: int) -> str:
+    from dask.utils import format_bytes
+
+    return format_bytes(n) if n else "no limit"
+
+
+def _lost_workers_message(stage: str, err: Exception, limits: dict[str, int]) -> str:
+    task, tries = getattr(err, "task", "?"), getattr(err, "allowed_failures", 0) + 1
+    limit = ", ".join(sorted({_format_bytes(v) for v in limits.values()})) or "unknown (no worker connected)"
+    return (f"{stage}: task {task!r} killed its worker {tries} times, most likely by running out of memory "
+            f"(worker memory limit: {limit}; a worker's nanny restarts it above 95 % of the limit). The stage "
+            "needs more memory per task than a worker has: raise cluster.memory_limit (or run fewer workers per "
+            "machine), or make tasks smaller (catalog.videos_per_partition, batch sizes); the worker logs say more.")
+
+
+@contextlib.contextmanager
+def explain_lost_workers(client: Client, stage: str) -> Iterator[None]:
+    """Turn Dask's ``KilledWorker`` (a task whose workers kept dying) into a :class:`StageMemoryError`."""
+    from distributed.scheduler import KilledWorker
+
+    limits = _limits_or_none(client)  # now: when the task fails its worker may be restarting, not connected
+    try:
+        yield
+    except KilledWorker as err:
+        raise StageMemoryError(_lost_workers_message(stage, err, _limits_or_none(client) or limits)) from err
+
+
+def _limits_or_none(client: Client) -> dict[str, int]:
+    try:
+        return worker_memory_limits(client)
+    except Exception:  # the message must not fail for want of a scheduler answer
+        return {}
 
 
 @dataclass(frozen=True)
@@ -206,6 +268,9 @@ def open_client(
             kind = "cuda" if cuda_available() and _has_dask_cuda() else "cpu"
             log.info("cluster.kind=auto chose %s", kind)
         allow_worker_subprocesses()  # embed workers run decoder processes (jungletrap.decoding)
+        import dask
+
+        dask.config.set(WORKER_MEMORY)  # the nanny hands the workers this process's config
         with _dashboard_origins(cfg) as local_cfg:
             cluster = _local_cuda_cluster(local_cfg) if kind == "cuda" else _local_cpu_cluster(local_cfg)
         client = Client(cluster)

@@ -181,7 +181,7 @@ class XGBConfig(_Section):
     early_stopping_rounds: int = Field(30, ge=1)
     multi_strategy: Literal["one_output_per_tree", "multi_output_tree"] = "one_output_per_tree"
     max_bin: int = Field(256, ge=2)  # histogram bins per feature: every tree node allreduces features x bins
-    min_rows_per_worker: int = Field(10000, ge=1)  # a fold trains on as many workers as hold this many rows each
+    min_rows_per_worker: int = Field(16000, ge=1)  # a fold trains on as many workers as hold this many rows each
 
 
 class HeadConfig(_Section):

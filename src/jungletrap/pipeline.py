@@ -28,7 +28,7 @@ from typing import Any
 from distributed import Client, performance_report
 
 from jungletrap.catalog import CATALOG_NAME, InputError, Inputs, build_catalog, read_inputs, write_catalog
-from jungletrap.cluster import ClusterInfo
+from jungletrap.cluster import ClusterInfo, explain_lost_workers
 from jungletrap.config import STAGES, JobConfig, config_hash, save_config
 from jungletrap.embed import embed_catalog
 from jungletrap.ensemble import run_ensemble
@@ -296,7 +296,7 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
         log.info("%s: starting", stage)
         manifest.start(stage, hashes[stage])
         try:
-            with _perf_report(ctx, stage):
+            with _perf_report(ctx, stage), explain_lost_workers(ctx.client, stage):
                 counts, outputs = _RUNNERS[stage](ctx)
         except KeyboardInterrupt:
             manifest.finish(stage, status="interrupted", error="interrupted by the user")

@@ -56,6 +56,9 @@ CONTACT_PER_KIND = 4  # clips per kind (confidently right, confidently wrong) on
 CONTACT_FRAMES = 4
 CONTACT_SIZE = 128
 _DECODE_TIMEOUT_S = 30.0
+#: Failed videos listed in the report: a run of 200k clips may have thousands, and the page must stay small
+#: (every failure is in the embedding parts' ``error`` column).
+MAX_FAILURES_SHOWN = 200
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1150px;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -326,7 +329,11 @@ def _timings(run_dir: RunPath) -> str:
 def _failures(failed: pd.DataFrame) -> str:
     if not len(failed):
         return "<p>None.</p>"
-    return f"<p>{len(failed)} video(s) could not be decoded.</p>" + _table(failed.values.tolist(), ["video", "reason"])
+    shown = failed.head(MAX_FAILURES_SHOWN)
+    more = (f" The first {len(shown)} are listed; all are in the embedding parts' <code>error</code> column."
+            if len(failed) > len(shown) else "")
+    return (f"<p>{len(failed)} video(s) could not be decoded.{more}</p>"
+            + _table(shown.values.tolist(), ["video", "reason"]))
 
 
 def _embed_config(run_dir: RunPath) -> EmbedConfig:
