@@ -116,7 +116,7 @@ class LoadedModel:
     runtime: str
 
 
-_MODEL_CACHE: dict[tuple[str, str | None, str, str, int], LoadedModel] = {}
+_MODEL_CACHE: dict[tuple[str, str, str, str, int], LoadedModel] = {}
 _MODEL_LOCK = threading.Lock()
 _builds = 0
 
@@ -142,13 +142,13 @@ def model_builds() -> int:
 def _model(spec: BackboneSpec, settings: EmbedSettings, device: str, runtime: str) -> LoadedModel:
     global _builds
     size = settings.input_size or spec.input_size
-    key = (spec.name, settings.weights, device, runtime, size)
+    weights = resolve_weights(spec.name, settings.weights)  # by content: a replaced file is a new model
+    key = (spec.name, weights.identity, device, runtime, size)
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
             if device == "cpu":
                 torch.set_num_threads(worker_nthreads(default=torch.get_num_threads()))
                 relax_malloc_trim()
-            weights = resolve_weights(spec.name, settings.weights)
             module = build_backbone(spec, device, weights=weights)
             run = compile_backbone(module, runtime=runtime, device=device, input_size=size,
                                    threads=torch.get_num_threads())

@@ -96,6 +96,10 @@ def _local_sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime
     return digest.hexdigest()
 
 
+def _remote_error(url: str, err: Exception) -> WeightsError:
+    return WeightsError(f"embed.weights: cannot read {url} on {socket.gethostname()}: {err}")
+
+
 def _read_remote(url: str) -> bytes:
     import fsspec
 
@@ -103,12 +107,30 @@ def _read_remote(url: str) -> bytes:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except (OSError, ValueError, ImportError) as err:
-        raise WeightsError(f"embed.weights: cannot read {url} on {socket.gethostname()}: {err}") from None
+        raise _remote_error(url, err) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_sha256(url: str, size: int | None, version: str) -> str:  # version: ETag or modification time
+    return hashlib.sha256(_read_remote(url)).hexdigest()
+
+
+def _remote_version(url: str) -> tuple[int | None, str]:
+    """Size and ETag/modification time of a remote file: every partition re-resolves, and must not download."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except (OSError, ValueError, ImportError) as err:
+        raise _remote_error(url, err) from None
+    stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "created") if info.get(k)), "")
+    return info.get("size"), str(stamp)
 
 
 def _sha256_of(location: str) -> str:
     if _is_url(location):
-        return hashlib.sha256(_read_remote(location)).hexdigest()
+        return _remote_sha256(location, *_remote_version(location))
     path = location.removeprefix("file://")
     try:
         stat = os.stat(path)
