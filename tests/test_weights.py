@@ -4,6 +4,9 @@ worker, never silently random, and a worker holding other weights stops the stag
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from jungletrap.config import EmbedConfig
 from jungletrap.embed import embed_catalog, embed_settings, part_path, read_embedding_meta
 from jungletrap.weights import ResolvedWeights, WeightsError
 
-from .conftest import REAL_VIDEOS, real_video_paths
+from .conftest import REAL_VIDEOS, REPO, real_video_paths, write_tiny_config
 
 TINY = EmbedConfig(backbone="tiny_cnn", sample_fps=1.0, max_seconds=3.0)
 
@@ -82,3 +85,15 @@ def test_a_worker_with_other_weights_refuses_to_write_a_part() -> None:
     other = ResolvedWeights("tiny_cnn", True, "/elsewhere/tiny.pt", "ab" * 32)
     with pytest.raises(WeightsError, match=r"differ from the run's \(/elsewhere/tiny.pt, sha256:abab"):
         embed_partition(rows, settings=replace(settings, pinned_weights=other))
+
+
+def test_cli_reports_missing_weights_in_one_line_with_exit_2(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The workers inherit an empty TORCH_HOME: the run stops at the embed stage with the reason, no traceback."""
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_dataset, run_root=tmp_path / "runs")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty-torch-home")}
+    proc = subprocess.run([str(Path(sys.executable).parent / "jungletrap"), "run", "--config", str(config),
+                           "--set", "embed.backbone=resnet152_skip"], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: embed.weights: resnet152_skip needs its pretrained weights" in proc.stderr
+    assert "Traceback" not in proc.stderr

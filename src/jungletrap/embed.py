@@ -41,7 +41,7 @@ from jungletrap.udfs.embed import (
     resolve_device,
     runtime_for,
 )
-from jungletrap.weights import resolve_weights
+from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
 __all__ = ["embed_settings", "embed_catalog", "pin_weights", "read_embedding_meta", "part_path", "EmbedCounts"]
 
@@ -75,9 +75,19 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
 def pin_weights(client: Client, settings: EmbedSettings, *, gpu: bool = False) -> EmbedSettings:
     """Resolve ``embed.weights`` once, on a worker of the kind that embeds (a missing file is a
     :class:`~jungletrap.weights.WeightsError` before any partition runs); every task then checks its worker's."""
-    resolved = client.submit(resolve_weights, settings.backbone, settings.weights, pure=False,
+    resolved = client.submit(_resolve_weights_or_error, settings.backbone, settings.weights, pure=False,
                              resources=gpu_resources(gpu)).result()
+    if isinstance(resolved, WeightsError):
+        raise resolved
     return replace(settings, pinned_weights=resolved)
+
+
+def _resolve_weights_or_error(backbone: str, weights: str | None) -> ResolvedWeights | WeightsError:
+    """On a worker: the error is returned, not raised, so the worker logs no traceback for a config error."""
+    try:
+        return resolve_weights(backbone, weights)
+    except WeightsError as err:
+        return err
 
 
 def _result_hash(settings: EmbedSettings) -> str:
