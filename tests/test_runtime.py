@@ -174,3 +174,13 @@ def test_parts_record_the_runtime_but_share_the_result_hash(dask_client: Client,
     counts = embed_catalog(dask_client, catalog, tmp_path / "emb", cfg.model_copy(update={"runtime": "openvino"}))
     assert counts["skipped"] == 6
     assert read_embedding_meta(part_path(tmp_path / "emb", 0))["runtime"] == "torch"
+
+
+def test_cpu_defaults_follow_the_runtime_speed() -> None:
+    """OpenVINO: 8 frames a thread per batch and a decoder process per 2 threads (torch: 4 and 4)."""
+    settings = embed_settings(EmbedConfig(backbone="tiny_cnn"))
+    threads = torch.get_num_threads()
+    assert embed_udf.batch_size_for(settings, "cpu", "openvino") == 8 * threads
+    assert embed_udf.batch_size_for(settings, "cpu", "torch") == 4 * threads
+    assert embed_udf.batch_size_for(settings, "cuda", "torch") == 64
+    assert embed_udf.THREADS_PER_DECODER == {"torch": 4, "openvino": 2}
