@@ -177,10 +177,10 @@ def test_parts_record_the_runtime_but_share_the_result_hash(dask_client: Client,
 
 
 def test_cpu_defaults_follow_the_runtime_speed() -> None:
-    """OpenVINO: 8 frames a thread per batch and a decoder process per 2 threads (torch: 4 and 4)."""
+    """OpenVINO: 4 frames a thread per batch and a decoder process per 2 threads (torch: 4 and 4)."""
     settings = embed_settings(EmbedConfig(backbone="tiny_cnn"))
     threads = torch.get_num_threads()
-    assert embed_udf.batch_size_for(settings, "cpu", "openvino") == 8 * threads
+    assert embed_udf.batch_size_for(settings, "cpu", "openvino") == 4 * threads
     assert embed_udf.batch_size_for(settings, "cpu", "torch") == 4 * threads
     assert embed_udf.batch_size_for(settings, "cuda", "torch") == 64
     assert embed_udf.THREADS_PER_DECODER == {"torch": 4, "openvino": 2}

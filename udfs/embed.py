@@ -169,10 +169,11 @@ def _check_pinned(loaded: LoadedModel, settings: EmbedSettings) -> None:
 
 #: Frames per forward pass when ``embed.batch_size`` is null. On a GPU large batches fill the device. On a CPU
 #: torch eager wants small ones: a batch's activations stay in cache (EfficientNet-Lite0, 1 thread: 4 frames
-#: 41 frames/s, 64 frames 21 frames/s), and the worker's peak memory shrinks with them. OpenVINO's compiled
-#: kernels gain a little up to 8-16 frames a thread (bench/embed.py's sweep: 8 >= 4 in every run here).
+#: 41 frames/s, 64 frames 21 frames/s), and the worker's peak memory shrinks with them. OpenVINO keeps 4:
+#: bench/embed.py's sweep found 4, 8 and 16 frames a thread within this VM's noise of each other (8 over 4:
+#: 1.09, 1.02, 0.78 in three runs), and smaller batches hold less memory.
 GPU_BATCH = 64
-CPU_BATCH_PER_THREAD = {"torch": 4, "openvino": 8}
+CPU_BATCH_PER_THREAD = {"torch": 4, "openvino": 4}
 #: CPU model threads one decoder process keeps fed: the model runs ~2.3x faster in OpenVINO than in torch
 #: eager, so it needs twice the decoders (jungletrap.decoding.decoder_processes_for).
 THREADS_PER_DECODER = {"torch": 4, "openvino": 2}
