@@ -184,3 +184,11 @@ def test_cpu_defaults_follow_the_runtime_speed() -> None:
     assert embed_udf.batch_size_for(settings, "cpu", "torch") == 4 * threads
     assert embed_udf.batch_size_for(settings, "cuda", "torch") == 64
     assert embed_udf.THREADS_PER_DECODER == {"torch": 4, "openvino": 2}
+
+
+def test_runtime_is_in_no_stage_hash_but_weights_are() -> None:
+    from jungletrap.pipeline import stage_hashes
+
+    base = load_config(overrides=["embed.runtime=torch"])
+    assert stage_hashes(base) == stage_hashes(load_config(overrides=["embed.runtime=openvino"]))
+    assert stage_hashes(base)["embed"] != stage_hashes(load_config(overrides=["embed.weights=random"]))["embed"]
