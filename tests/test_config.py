@@ -59,6 +59,8 @@ def test_overrides_parse_types() -> None:
         ("embed.sample_fps=-3", "embed.sample_fps"),
         ("embed.n_frames=-1", "embed.n_frames"),
         ("embed.backbone=vgg99", "allowed: efficientnet_lite0"),
+        ("embed.dtype=float32", "embed.dtype: Value error, only float16 is supported"),
+        ("embed.runtime=tensorrt", "embed.runtime"),
         ("catalog.n_folds=one", "catalog.n_folds"),
         ("cluster.kind=gpu", "cluster.kind"),
         ("ensemble.clip=0.7", "ensemble.clip"),

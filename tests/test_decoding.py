@@ -158,6 +158,7 @@ def test_decoder_process_count_by_device() -> None:
     assert decoder_processes_for(0, device="cpu", torch_threads=8) == 0
     assert decoder_processes_for(None, device="cpu", torch_threads=1) == 1
     assert decoder_processes_for(None, device="cpu", torch_threads=8) == 2
+    assert decoder_processes_for(None, device="cpu", torch_threads=8, threads_per_decoder=2) == 4
     cores = len(os.sched_getaffinity(0))
     assert decoder_processes_for(None, device="cuda", torch_threads=1, gpus=1) == max(1, min(32, cores - 1))
     assert decoder_processes_for(None, device="cuda", torch_threads=1, gpus=64) == 1

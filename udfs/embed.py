@@ -1,7 +1,8 @@
 """Embedding UDF: a catalog partition in, one row per video out (embeddings or an error), always.
 
-Stateful GPU/CPU work follows the callable-class UDF pattern: the backbone is built once per worker process
-(cached by backbone name and device) and reused for every partition that worker runs. Clips decode ahead of
+Stateful GPU/CPU work follows the callable-class UDF pattern: the backbone is built (and, for OpenVINO,
+converted and compiled: :mod:`jungletrap.runtimes`) once per worker process, cached by backbone, weights, device,
+runtime and input size, and reused for every partition that worker runs. Clips decode ahead of
 inference in the worker's decoder processes (:mod:`jungletrap.decoding`), so the model thread runs nothing but
 the model; frames of several videos are batched together up to ``batch_size``.
 A broken video never raises out of the partition: it becomes a row with ``status="error"`` and the reason.
@@ -24,6 +25,7 @@ from jungletrap.backbones import BackboneSpec, build_backbone, get_spec, preproc
 from jungletrap.cluster import relax_malloc_trim, worker_nthreads
 from jungletrap.decoding import DecodedClip, DecodeJob, decode_in_order, decoder_processes_for
 from jungletrap.pixels import pixel_stats
+from jungletrap.runtimes import FeatureModel, compile_backbone, resolve_runtime
 from jungletrap.schema import (
     CONTAINER_COLUMNS,
     EMBEDDING,
@@ -37,14 +39,18 @@ from jungletrap.schema import (
     STATUS_OK,
     VIDEO_ID,
 )
+from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
 __all__ = [
     "EMBED_SCHEMA",
     "EMBED_SCHEMA_VERSION",
     "EmbedSettings",
+    "LoadedModel",
     "embed_partition",
+    "model_builds",
     "pixel_stats",
     "resolve_device",
+    "runtime_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,11 @@ assert all(name in EMBED_SCHEMA.names for name in CONTAINER_COLUMNS)
 
 @dataclass(frozen=True)
 class EmbedSettings:
-    """Everything the UDF needs, picklable and hashable (the model cache key uses backbone and device)."""
+    """Everything the UDF needs, picklable and hashable.
+
+    ``weights`` is ``embed.weights`` as configured; ``pinned_weights`` is what the embed stage resolved it to on
+    a worker before any task ran (None: not pinned, e.g. a direct call): every worker must load the same bytes.
+    """
 
     backbone: str
     sample_fps: float
@@ -92,10 +102,23 @@ class EmbedSettings:
     decode_processes: int | None = None  # None: decoder_processes_for() picks by device; 0: threads
     codec_threads: int = 0  # FFmpeg threads per clip, 0 = FFmpeg's choice
     input_size: int | None = None  # None: the backbone's own input size
+    runtime: str = "auto"  # auto | torch | openvino (jungletrap.runtimes)
+    weights: str | None = None  # None: the backbone's published weights; "random"; a path or URL
+    pinned_weights: ResolvedWeights | None = None
 
 
-_MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
+@dataclass(frozen=True)
+class LoadedModel:
+    """A worker's ready backbone, the weights it was built from and the runtime it runs on."""
+
+    run: FeatureModel
+    weights: ResolvedWeights
+    runtime: str
+
+
+_MODEL_CACHE: dict[tuple[str, str, str, str, int], LoadedModel] = {}
 _MODEL_LOCK = threading.Lock()
+_builds = 0
 
 
 def resolve_device(device: str) -> str:
@@ -105,43 +128,75 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _model(spec: BackboneSpec, device: str) -> torch.nn.Module:
-    key = (spec.name, device)
+def runtime_for(settings: EmbedSettings, device: str) -> tuple[str, str]:
+    """The (runtime, device) a worker runs the backbone with: OpenVINO always runs on the CPU."""
+    runtime = resolve_runtime(settings.runtime, device)
+    return runtime, "cpu" if runtime == "openvino" else device
+
+
+def model_builds() -> int:
+    """How many backbones this process has built and compiled (a second partition must reuse the first's)."""
+    return _builds
+
+
+def _model(spec: BackboneSpec, settings: EmbedSettings, device: str, runtime: str) -> LoadedModel:
+    global _builds
+    size = settings.input_size or spec.input_size
+    weights = resolve_weights(spec.name, settings.weights)  # by content: a replaced file is a new model
+    key = (spec.name, weights.identity, device, runtime, size)
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
             if device == "cpu":
                 torch.set_num_threads(worker_nthreads(default=torch.get_num_threads()))
                 relax_malloc_trim()
-            _MODEL_CACHE[key] = build_backbone(spec, device)
+            module = build_backbone(spec, device, weights=weights)
+            run = compile_backbone(module, runtime=runtime, device=device, input_size=size,
+                                   threads=torch.get_num_threads())
+            _MODEL_CACHE[key] = LoadedModel(run, weights, runtime)
+            _builds += 1
         return _MODEL_CACHE[key]
 
 
+def _check_pinned(loaded: LoadedModel, settings: EmbedSettings) -> None:
+    """Refuse to write a part from other weights than the run's (a worker with another file, or none)."""
+    pinned = settings.pinned_weights
+    if pinned is not None and loaded.weights.identity != pinned.identity:
+        raise WeightsError(
+            f"embed.weights: this worker's {pinned.backbone} weights ({loaded.weights.source}, "
+            f"{loaded.weights.identity}) differ from the run's ({pinned.source}, {pinned.identity}); every "
+            f"worker must hold the same weights file, or parts of one run would mix two networks")
+
+
 #: Frames per forward pass when ``embed.batch_size`` is null. On a GPU large batches fill the device. On a CPU
-#: small ones win: a batch's activations stay in cache (EfficientNet-Lite0, 1 thread: 4 frames 41 frames/s,
-#: 64 frames 21 frames/s), and the worker's peak memory shrinks with them.
-GPU_BATCH, CPU_BATCH_PER_THREAD = 64, 4
+#: torch eager wants small ones: a batch's activations stay in cache (EfficientNet-Lite0, 1 thread: 4 frames
+#: 41 frames/s, 64 frames 21 frames/s), and the worker's peak memory shrinks with them. OpenVINO keeps 4:
+#: bench/embed.py's sweep found 4, 8 and 16 frames a thread within this VM's noise of each other (8 over 4:
+#: 1.09, 1.02, 0.78 in three runs), and smaller batches hold less memory.
+GPU_BATCH = 64
+CPU_BATCH_PER_THREAD = {"torch": 4, "openvino": 4}
+#: CPU model threads one decoder process keeps fed: the model runs ~2.3x faster in OpenVINO than in torch
+#: eager, so it needs twice the decoders (jungletrap.decoding.decoder_processes_for).
+THREADS_PER_DECODER = {"torch": 4, "openvino": 2}
 
 
-def batch_size_for(settings: EmbedSettings, device: str) -> int:
-    """The configured batch size, or the device's default."""
+def batch_size_for(settings: EmbedSettings, device: str, runtime: str = "torch") -> int:
+    """The configured batch size, or the device's (and on a CPU the runtime's) default."""
     if settings.batch_size:
         return settings.batch_size
-    return GPU_BATCH if device.startswith("cuda") else CPU_BATCH_PER_THREAD * torch.get_num_threads()
+    return GPU_BATCH if device.startswith("cuda") else CPU_BATCH_PER_THREAD[runtime] * torch.get_num_threads()
 
 
-def _run_model(model: torch.nn.Module, spec: BackboneSpec, frames: np.ndarray, settings: EmbedSettings,
+def _run_model(model: LoadedModel, spec: BackboneSpec, frames: np.ndarray, settings: EmbedSettings,
                device: str) -> np.ndarray:
     out = []
-    step = batch_size_for(settings, device)
-    with torch.inference_mode():
-        for start in range(0, len(frames), step):
+    step = batch_size_for(settings, device, model.runtime)
+    for start in range(0, len(frames), step):
+        with torch.inference_mode():
             batch = torch.from_numpy(frames[start : start + step])
             if device.startswith("cuda"):
                 batch = batch.pin_memory().to(device, non_blocking=True)
             x = preprocess(batch, spec)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                feats = model(x)
-            out.append(feats.float().cpu().numpy())
+        out.append(model.run(x))
     return np.concatenate(out) if out else np.zeros((0, spec.feature_dim), np.float32)
 
 
@@ -152,10 +207,10 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
     ``storage_options`` (fsspec) open remote clips (``s3://...``) as file objects; local paths need none.
     """
     spec = get_spec(settings.backbone)
-    device = resolve_device(settings.device)
-    model = _model(spec, device)
+    runtime, device = runtime_for(settings, resolve_device(settings.device))
+    model = _model(spec, settings, device, runtime)
+    _check_pinned(model, settings)
     size = settings.input_size or spec.input_size
-    np_dtype = np.float16 if settings.dtype == "float16" else np.float32
     records: list[dict[str, Any]] = [_error_record(r, "not processed") for _, r in rows.iterrows()]
     buffer: list[tuple[int, np.ndarray]] = []
 
@@ -166,7 +221,7 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
         offset = 0
         for pos, frames in buffer:
             n = len(frames)
-            records[pos][EMBEDDING] = feats[offset : offset + n].astype(np_dtype).reshape(-1)
+            records[pos][EMBEDDING] = feats[offset : offset + n].astype(np.float16).reshape(-1)  # EMBED_SCHEMA
             offset += n
         buffer.clear()
 
@@ -175,7 +230,8 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
                       codec_threads=settings.codec_threads, storage_options=storage_options)
             for path in rows[PATH]]
     processes = decoder_processes_for(settings.decode_processes, device=device,
-                                      torch_threads=torch.get_num_threads(), gpus=_gpu_count(device))
+                                      torch_threads=torch.get_num_threads(), gpus=_gpu_count(device),
+                                      threads_per_decoder=THREADS_PER_DECODER[runtime])
     for pos, clip, error in decode_in_order(jobs, processes=processes, threads=settings.decode_threads,
                                             ahead=settings.prefetch_videos):
         row = rows.iloc[pos]
@@ -184,7 +240,7 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
             continue
         records[pos] = _ok_record(row, clip)
         buffer.append((pos, clip.frames))
-        if sum(len(f) for _, f in buffer) >= batch_size_for(settings, device):
+        if sum(len(f) for _, f in buffer) >= batch_size_for(settings, device, runtime):
             flush()
     flush()
     return pd.DataFrame.from_records(records, columns=EMBED_SCHEMA.names)

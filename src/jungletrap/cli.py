@@ -140,7 +140,7 @@ def execute(
                          scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
             typer.echo(f"dask dashboard: {info.dashboard_link} ({info.kind} cluster, {info.n_workers} workers)")
             results = run_pipeline(StageContext(client, cfg, resolved, info), stages=stages, force=force)
-    except (ClusterError, InputError) as err:
+    except (ClusterError, InputError, ConfigError) as err:  # ConfigError: e.g. embed.weights missing on workers
         typer.echo(f"error: {err}", err=True)
         return 2
     except KeyboardInterrupt:
@@ -273,7 +273,7 @@ def predict(
             typer.echo(f"dask dashboard: {info.dashboard_link}")
             frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold,
                                    storage_options=options)
-    except (ClusterError, FileNotFoundError) as err:
+    except (ClusterError, ConfigError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     failed = int((frame["status"] != "ok").sum())

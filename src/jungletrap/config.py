@@ -139,8 +139,10 @@ class EmbedConfig(_Section):
     max_seconds: float = Field(15.0, gt=0)
     n_frames: int | None = Field(None, ge=1, le=1024)
     batch_size: int | None = Field(None, ge=1, le=4096)
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: str = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
+    weights: str | None = Field(None, min_length=1)
     decode_timeout_s: float = Field(120.0, gt=0)
     prefetch_videos: int = Field(4, ge=1, le=64)
     decode_threads: int = Field(2, ge=1, le=64)
@@ -157,6 +159,27 @@ class EmbedConfig(_Section):
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
         return name
+
+    @field_validator("dtype")
+    @classmethod
+    def _stored_dtype(cls, dtype: str) -> str:
+        # The embeddings' Parquet schema is float16; a float32 setting was silently cast back to it.
+        if dtype != "float16":
+            raise ValueError(f"only float16 is supported (embeddings are stored as float16), got {dtype!r}")
+        return dtype
+
+    @model_validator(mode="after")
+    def _runtime_usable(self) -> EmbedConfig:
+        """``openvino`` runs on the CPU and needs its package: say so before any work, not on every worker."""
+        from jungletrap.runtimes import openvino_available
+
+        if self.runtime == "openvino" and self.device == "cuda":
+            raise ValueError("runtime=openvino runs on CPU workers and cannot be combined with device=cuda "
+                             "(use runtime=auto: OpenVINO on CPU workers, torch on GPU workers)")
+        if self.runtime == "openvino" and not openvino_available():
+            raise ValueError("runtime=openvino needs the openvino package, which is not installed here "
+                             "(pip install openvino; or use runtime=auto or runtime=torch)")
+        return self
 
 
 class FeaturesConfig(_Section):

@@ -106,16 +106,18 @@ def can_spawn_processes() -> bool:
     return not multiprocessing.current_process().daemon
 
 
-def decoder_processes_for(setting: int | None, *, device: str, torch_threads: int, gpus: int = 1) -> int:
-    """How many decoder processes a worker runs: the configured number, or one per four CPU torch threads
-    (a clip decodes in ~0.2 core-seconds, Lite0 needs ~0.9 per clip and thread), or on a GPU worker every
-    core of its share of the machine but one (the GPU outruns any number of CPU decoders)."""
+def decoder_processes_for(setting: int | None, *, device: str, torch_threads: int, gpus: int = 1,
+                          threads_per_decoder: int = 4) -> int:
+    """How many decoder processes a worker runs: the configured number, or one per ``threads_per_decoder``
+    CPU model threads (a clip decodes in ~0.2 core-seconds; Lite0 needs ~0.9 per clip and thread in torch, so
+    4, and ~0.4 with OpenVINO, so the embed UDF passes 2 there), or on a GPU worker every core of its share of
+    the machine but one (the GPU outruns any number of CPU decoders)."""
     if setting is not None:
         return setting
     if device.startswith("cuda"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
         return max(1, min(MAX_AUTO_PROCESSES, cores // max(1, gpus) - 1))
-    return max(1, math.ceil(torch_threads / 4))
+    return max(1, math.ceil(torch_threads / max(1, threads_per_decoder)))
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -37,9 +37,17 @@ from jungletrap.storage import (
     remove_stale_temps,
     write_parquet_atomic,
 )
-from jungletrap.udfs.embed import EMBED_SCHEMA, EMBED_SCHEMA_VERSION, EmbedSettings, embed_partition
+from jungletrap.udfs.embed import (
+    EMBED_SCHEMA,
+    EMBED_SCHEMA_VERSION,
+    EmbedSettings,
+    embed_partition,
+    resolve_device,
+    runtime_for,
+)
+from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
-__all__ = ["embed_settings", "embed_catalog", "read_embedding_meta", "part_path", "EmbedCounts"]
+__all__ = ["embed_settings", "embed_catalog", "pin_weights", "read_embedding_meta", "part_path", "EmbedCounts"]
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +71,35 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
         decode_processes=cfg.decode_processes,
         codec_threads=cfg.codec_threads,
         input_size=cfg.input_size,
+        runtime=cfg.runtime,
+        weights=cfg.weights,
     )
 
 
+def pin_weights(client: Client, settings: EmbedSettings, *, gpu: bool = False) -> EmbedSettings:
+    """Resolve ``embed.weights`` once, on a worker of the kind that embeds (a missing file is a
+    :class:`~jungletrap.weights.WeightsError` before any partition runs); every task then checks its worker's."""
+    resolved = client.submit(_resolve_weights_or_error, settings.backbone, settings.weights, pure=False,
+                             resources=gpu_resources(gpu)).result()
+    if isinstance(resolved, WeightsError):
+        raise resolved
+    return replace(settings, pinned_weights=resolved)
+
+
+def _resolve_weights_or_error(backbone: str, weights: str | None) -> ResolvedWeights | WeightsError:
+    """On a worker: the error is returned, not raised, so the worker logs no traceback for a config error."""
+    try:
+        return resolve_weights(backbone, weights)
+    except WeightsError as err:
+        return err
+
+
 def _result_hash(settings: EmbedSettings) -> str:
-    """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts)."""
+    """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts), with the
+    weights' identity (file sha256 or random seed). Not the runtime: its features agree with torch's to 1e-3."""
     keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype", "input_size")
-    values = {k: getattr(settings, k) for k in keys}
+    values: dict[str, Any] = {k: getattr(settings, k) for k in keys}
+    values["weights"] = settings.pinned_weights.identity if settings.pinned_weights else None
     if values["input_size"] is None:  # the backbone's own size: hashed as before the key existed
         del values["input_size"]
     return config_hash({"schema": EMBED_SCHEMA_VERSION, **values})
@@ -113,6 +143,8 @@ def _file_metadata(settings: EmbedSettings, rows_hash: str, n_rows: int,
         "preprocessing": {"mean": spec.mean, "std": spec.std, "resize": "letterbox-pad"},
         "max_frames": _max_frames(settings),
         "settings": asdict(settings),
+        "weights": asdict(settings.pinned_weights) if settings.pinned_weights else None,
+        "runtime": runtime_for(settings, resolve_device(settings.device))[0],
         "result_hash": _result_hash(settings),
         "rows_hash": rows_hash,
         "n_rows": n_rows,
@@ -178,7 +210,7 @@ def embed_catalog(
     With ``gpu`` the tasks need a ``GPU`` worker resource, so they run only on GPU workers.
     ``storage_options`` are the data's (for remote clips); they go to the tasks, never into keys or files.
     """
-    settings = embed_settings(cfg)
+    settings = pin_weights(client, embed_settings(cfg), gpu=gpu)
     result_hash = _result_hash(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
