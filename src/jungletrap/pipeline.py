@@ -195,11 +195,12 @@ def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     progress = EmbedProgress(check=lambda: ctx.check_cancelled("during embed"))
     try:
         counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=progress,
-                               gpu=ctx.info.gpu, storage_options=ctx.cfg.data.storage_options)
+                               gpu=ctx.info.gpu, storage_options=ctx.cfg.data.storage_options,
+                               max_failed_fraction=ctx.cfg.run.max_failed_fraction)
     finally:
         progress.close()
-    log.info("embed: %d embedded, %d skipped (already done), %d failed", counts["embedded"], counts["skipped"],
-             counts["failed"])
+    log.info("embed: %d embedded, %d skipped (already done), %d failed, %d with a warning (all parts)",
+             counts["embedded"], counts["skipped"], counts["failed"], counts["warnings"])
     return counts, [str(out.relative_to(ctx.run_dir))]
 
 
@@ -266,8 +267,9 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
             manifest.finish(stage, status="cancelled", error=f"{type(err).__name__}: {err}")
             manifest.record_event(f"{stage} cancelled")
             raise
-        except Exception as err:
-            manifest.finish(stage, status="failed", error=f"{type(err).__name__}: {err}")
+        except Exception as err:  # a stage that stops on its own rule (too many failures) leaves its counts
+            manifest.finish(stage, status="failed", error=f"{type(err).__name__}: {err}",
+                            counts=getattr(err, "counts", None))
             raise
         manifest.finish(stage, status="done", counts=counts, outputs=outputs)
         results[stage] = counts
