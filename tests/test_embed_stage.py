@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,16 @@ from jungletrap.udfs.embed import EMBED_SCHEMA
 
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
-from jungletrap.embed import TooManyFailures, embed_catalog, part_path, read_embedding_meta
-from jungletrap.features import read_embedding_part
+from jungletrap.embed import (
+    TooManyFailures,
+    embed_catalog,
+    embed_catalog_partition,
+    embed_settings,
+    part_path,
+    read_embedding_meta,
+)
+from jungletrap.feature_fit import FeatureTransform
+from jungletrap.features import features_part, read_embedding_part, transform_part
 
 from .conftest import real_video_paths
 
@@ -144,3 +154,34 @@ def test_too_many_failures_stop_the_stage_naming_the_count_and_reasons(
         embed_catalog(dask_client, catalog, out, TINY, max_failed_fraction=0.25)
     counts = embed_catalog(dask_client, catalog, out, TINY, max_failed_fraction=1 / 3)  # at the limit: goes on
     assert counts["failed"] == 3 and counts["videos"] == 9
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_part_tasks_run_again_return_the_part_already_written(
+    corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A task the scheduler runs again (its worker died after writing) must not redo or rewrite the part."""
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, extra, per_partition=3)
+    settings = embed_settings(TINY)
+    part = tmp_path / "emb" / "part-00002.parquet"
+    first = embed_catalog_partition(catalog, 2, part, settings)
+    written = _stamp(part)
+    again = embed_catalog_partition(catalog, 2, part, settings)
+    assert again == {**first, "reused": True} and not first["reused"] and _stamp(part) == written
+    assert first["videos"] == 2 and first["failed"] == 1 and first["reasons"] == {"file not found": 1}
+
+    out = tmp_path / "features" / "part-00002.parquet"
+    meta = {b"jungletrap": json.dumps({"artifact": "features", "pooling": ["mean"]}).encode()}
+    assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2
+    written = _stamp(out)
+    assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2 and _stamp(out) == written
+    transform = FeatureTransform({}, [], [], [])
+    assert transform_part(out, transform, "t1") == 2 and _stamp(out) != written
+    written = _stamp(out)
+    assert transform_part(out, transform, "t1") == 2 and _stamp(out) == written
+    assert transform_part(out, transform, "t2") == 2 and _stamp(out) != written  # another transform: applied

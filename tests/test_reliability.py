@@ -314,8 +314,16 @@ def test_predict_gives_one_row_per_file_with_reasons(
 # ---------------------------------------------------------------- 2. worker loss
 
 
+def _stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """Inode and modification time of every part: a part written again (temp file + rename) changes both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _parts(directory)}
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-stage costs only its partitions in flight: no part finished before the kill is
+    embedded again (the client released their futures, the tasks are idempotent), and the output equals a
+    clean run's."""
     clips = tmp_path / "clips"
     clips.mkdir()
     for i in range(12):  # 128 frames each, all sampled: a partition of 2 takes about a second on one core
@@ -329,13 +337,17 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) ->
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         pids: dict[str, int] = client.run(os.getpid)
         killed: tuple[int, list[str]] | None = None
+        before_kill: dict[str, tuple[int, int]] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             job = pool.submit(embed_catalog, client, tmp_path / "catalog.parquet", out, cfg)
             deadline = time.monotonic() + 240
             while not job.done() and time.monotonic() < deadline:
-                if killed is None and 1 <= len(_parts(out)) < n_parts:
+                # Two workers start together: by the second part each has most likely finished one.
+                if killed is None and 2 <= len(_parts(out)) < n_parts:
                     busy = {w: keys for w, keys in client.processing().items() if keys and w in pids}
-                    victim = next(iter(busy), next(iter(pids)))
+                    held = client.has_what()  # finished results still on each worker (none once released)
+                    victim = max(busy or pids, key=lambda w: sum(str(k).startswith("embed-") for k in held.get(w, ())))
+                    before_kill = _stamps(out)
                     os.kill(pids[victim], signal.SIGKILL)
                     killed = (pids[victim], [str(k) for k in busy.get(victim, [])])
                 time.sleep(0.02)
@@ -344,7 +356,13 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) ->
         assert any(k.startswith("embed-") for k in killed[1]), f"the killed worker was not embedding: {killed}"
         client.wait_for_workers(2, timeout=60)
         assert killed[0] not in set(client.run(os.getpid).values())  # the nanny started a fresh process
-    assert counts == {"partitions": n_parts, "embedded": 12, "skipped": 0, "failed": 0}
+        after = _stamps(out)
+        rewritten = [name for name, stamp in before_kill.items() if after.get(name) != stamp]
+        assert rewritten == [], f"parts finished before the kill were embedded again: {rewritten}"
+        clean = tmp_path / "clean"
+        embed_catalog(client, tmp_path / "catalog.parquet", clean, cfg)
+    assert counts == {"partitions": n_parts, "videos": 12, "embedded": 12, "skipped": 0, "failed": 0,
+                      "warnings": 0}
     assert not [p for p in out.iterdir() if TMP_MARK in p.name]
     parts = _parts(out)
     assert len(parts) == n_parts
@@ -359,6 +377,8 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) ->
         assert table.schema.remove_metadata().equals(EMBED_SCHEMA.remove_metadata())
         assert meta["n_rows"] == table.num_rows and meta["backbone"] == "tiny_cnn" and meta["feature_dim"] == 64
         assert table.column("status").to_pylist() == ["ok"] * table.num_rows
+        assert table.equals(pq.read_table(clean / path.name)), f"{path.name} differs from a clean run's"
+        assert meta == read_embedding_meta(clean / path.name)
         result_hashes.add(meta["result_hash"])
         seen += ids
     assert sorted(seen) == sorted(catalog[VIDEO_ID]) and len(seen) == len(set(seen))
