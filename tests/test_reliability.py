@@ -59,6 +59,8 @@ SMALL = [
     "train.head.max_frames=4",
     "cluster.kind=cpu",
 ]
+#: The bad-input runs: a third of their clips are broken on purpose, above the default max_failed_fraction.
+LENIENT = [*SMALL, "cluster.n_workers=2", "run.max_failed_fraction=0.5"]
 #: Broken inputs and the reason their error row must give.
 BROKEN = {
     "zero.mp4": "empty file",
@@ -197,8 +199,7 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def bad_run(bad_dataset: tuple[Path, Path]) -> tuple[Path, subprocess.CompletedProcess[str]]:
     root, config = bad_dataset
     run_dir = root / "runs" / "lenient"
-    proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
-                cwd=root)
+    proc = _cli("run", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), cwd=root)
     return run_dir, proc
 
 
@@ -235,6 +236,8 @@ def test_every_input_has_one_embedding_row_naming_the_file(
         assert name in row["error"] and reason in row["error"], (name, row["error"])
     good = rows.drop(index=list(BROKEN))
     assert (good["status"] == "ok").all() and good["error"].isna().all()
+    assert rows.loc["half.mkv", "warning"].startswith("truncated: the video stream ends at 1.25 s of 3.00 s declared")
+    assert good.drop(index="half.mkv")["warning"].isna().all()
     assert (good["n_frames"] >= 1).all()
     assert rows.loc["one_frame.mp4", "n_frames"] == 1
     assert 1 <= rows.loc["half.mkv", "n_frames"] < rows.loc["test_0.mp4", "n_frames"]  # what decoded before the cut
@@ -267,13 +270,64 @@ def test_strict_run_with_bad_inputs_exits_1(
     root, config = bad_dataset
     run_dir = root / "runs" / "strict"
     shutil.copytree(lenient, run_dir)
-    proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
-                "--strict", cwd=root)
+    proc = _cli("run", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), "--strict", cwd=root)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.count("already done for this config, skipped") == 5
     assert f"{len(BROKEN)} failed" in proc.stdout
     assert f"error: {len(BROKEN)} video(s) failed" in proc.stderr
     _no_traceback(proc.stderr, proc.stdout)
+
+
+def _embed_status_line(run_dir: Path, cwd: Path) -> list[str]:
+    proc = _cli("status", "--run-dir", str(run_dir), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return next(line for line in proc.stdout.splitlines() if line.startswith("embed ")).split()
+
+
+@pytest.mark.slow
+def test_failures_are_counted_from_every_part_after_force(
+    bad_run: tuple[Path, subprocess.CompletedProcess[str]], bad_dataset: tuple[Path, Path],
+) -> None:
+    """``--force`` re-runs embed, which finds every part whole: the failures are still all counted, the same
+    number in the summary, the exit code, the manifest, ``status`` and the report."""
+    lenient, proc = bad_run
+    assert proc.returncode == 0, proc.stderr
+    root, config = bad_dataset
+    run_dir = root / "runs" / "forced"
+    shutil.copytree(lenient, run_dir)
+    proc = _cli("embed", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), "--force",
+                "--strict", cwd=root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"videos: 0 embedded, 28 skipped, {len(BROKEN)} failed" in proc.stdout
+    assert f"error: {len(BROKEN)} video(s) failed" in proc.stderr
+    _no_traceback(proc.stderr, proc.stdout)
+    embed = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["stages"]["embed"]
+    assert embed["status"] == "done" and embed["counts"]["failed"] == len(BROKEN)
+    assert _embed_status_line(run_dir, root)[1:4:2] == ["done", str(len(BROKEN))]
+    assert f"Failed videos: {len(BROKEN)}" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_too_many_failed_clips_stop_the_embed_stage_with_exit_1(
+    bad_run: tuple[Path, subprocess.CompletedProcess[str]], bad_dataset: tuple[Path, Path],
+) -> None:
+    """With the default run.max_failed_fraction (5 %) a third of the clips failing stops the run, naming the
+    count and the commonest reason, and the manifest and ``status`` say so."""
+    lenient, proc = bad_run
+    assert proc.returncode == 0, proc.stderr
+    root, config = bad_dataset
+    run_dir = root / "runs" / "too many"
+    shutil.copytree(lenient, run_dir)
+    proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
+                "--force", cwd=root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (f"error: embed: {len(BROKEN)} of 28 videos failed (32.1%, more than run.max_failed_fraction=0.05); "
+            "commonest reasons: not a readable video container") in proc.stderr
+    _no_traceback(proc.stderr, proc.stdout)
+    stages = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["stages"]
+    assert stages["embed"]["status"] == "failed" and stages["embed"]["counts"]["failed"] == len(BROKEN)
+    assert "TooManyFailures" in stages["embed"]["error"] and stages["features"]["status"] == "done"  # not re-run
+    assert _embed_status_line(run_dir, root)[1:4:2] == ["failed", str(len(BROKEN))]
 
 
 @pytest.mark.slow

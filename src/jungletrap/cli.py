@@ -234,7 +234,7 @@ def predict(
     """Score new videos with a finished run's models; one output row per input file."""
     _setup_logging()
     from jungletrap.cluster import ClusterError, open_client
-    from jungletrap.predict import predict_videos
+    from jungletrap.predict import RunMismatch, predict_videos
     from jungletrap.storage import run_path
 
     try:
@@ -249,7 +249,7 @@ def predict(
             typer.echo(f"dask dashboard: {info.dashboard_link}")
             frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold,
                                    storage_options=options)
-    except (ClusterError, FileNotFoundError) as err:
+    except (ClusterError, FileNotFoundError, RunMismatch) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     failed = int((frame["status"] != "ok").sum())

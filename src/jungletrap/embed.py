@@ -49,6 +49,8 @@ __all__ = [
     "read_embedding_meta",
     "read_part_summary",
     "count_failures",
+    "result_hash",
+    "RESULT_KEYS",
     "part_path",
     "EmbedCounts",
     "TooManyFailures",
@@ -89,10 +91,18 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
     )
 
 
+#: The settings that change the numbers written (not batch size, prefetch, timeouts or the device).
+RESULT_KEYS: tuple[str, ...] = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype", "input_size")
+
+
+def result_hash(settings: EmbedSettings) -> str:
+    """The hash of :data:`RESULT_KEYS` written in every part: equal hashes, equal embeddings."""
+    return _result_hash(settings)
+
+
 def _result_hash(settings: EmbedSettings) -> str:
     """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts)."""
-    keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype", "input_size")
-    values = {k: getattr(settings, k) for k in keys}
+    values = {k: getattr(settings, k) for k in RESULT_KEYS}
     if values["input_size"] is None:  # the backbone's own size: hashed as before the key existed
         del values["input_size"]
     return config_hash({"schema": EMBED_SCHEMA_VERSION, **values})
