@@ -236,7 +236,7 @@ def test_every_input_has_one_embedding_row_naming_the_file(
         assert name in row["error"] and reason in row["error"], (name, row["error"])
     good = rows.drop(index=list(BROKEN))
     assert (good["status"] == "ok").all() and good["error"].isna().all()
-    assert rows.loc["half.mkv", "warning"].startswith("truncated: the video stream ends at 1.25 s of 3.00 s declared")
+    assert rows.loc["half.mkv", "warning"].startswith("truncated: the video stream ends at 1.50 s of 3.00 s declared")
     assert good.drop(index="half.mkv")["warning"].isna().all()
     assert (good["n_frames"] >= 1).all()
     assert rows.loc["one_frame.mp4", "n_frames"] == 1
@@ -298,7 +298,7 @@ def test_failures_are_counted_from_every_part_after_force(
     proc = _cli("embed", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), "--force",
                 "--strict", cwd=root)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"videos: 0 embedded, 28 skipped, {len(BROKEN)} failed" in proc.stdout
+    assert f"videos: 0 embedded, 27 skipped, {len(BROKEN)} failed, 1 truncated" in proc.stdout
     assert f"error: {len(BROKEN)} video(s) failed" in proc.stderr
     _no_traceback(proc.stderr, proc.stdout)
     embed = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["stages"]["embed"]
@@ -321,8 +321,9 @@ def test_too_many_failed_clips_stop_the_embed_stage_with_exit_1(
     proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
                 "--force", cwd=root)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert (f"error: embed: {len(BROKEN)} of 28 videos failed (32.1%, more than run.max_failed_fraction=0.05); "
-            "commonest reasons: not a readable video container") in proc.stderr
+    assert (f"error: embed: {len(BROKEN)} of 27 videos failed (33.3%, more than run.max_failed_fraction=0.05); "
+            "commonest reasons: not a readable video container (Invalid data found when processing input) (3); "
+            ) in proc.stderr
     _no_traceback(proc.stderr, proc.stdout)
     stages = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["stages"]
     assert stages["embed"]["status"] == "failed" and stages["embed"]["counts"]["failed"] == len(BROKEN)
