@@ -194,15 +194,15 @@ def test_predict_uses_what_the_models_were_trained_with_not_the_last_config(
     proc = _cli("ensemble", "--config", str(config), "--run-dir", str(copy), "--set", "embed.sample_fps=2",
                 "--set", "ensemble.clip=0.001")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    saved = yaml.safe_load((copy / "config.yaml").read_text())
-    assert saved["embed"]["sample_fps"] == 1.0  # the embed stage did not run: its section is not rewritten
-    assert saved["ensemble"]["clip"] == 0.001  # the ensemble stage ran: its section is
     proc = _predict_test_clips(copy, tiny_dataset, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     pred = pd.read_csv(tmp_path / "pred.csv").set_index(FILENAME)
     sub = pd.read_csv(copy / "submission.csv").set_index(FILENAME)
     np.testing.assert_allclose(pred.loc[sub.index, list(CLASS_NAMES)].to_numpy(), sub.to_numpy(), rtol=1e-4,
                                atol=1e-6)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    assert saved["embed"]["sample_fps"] == 1.0  # the embed stage did not run: its section is not rewritten
+    assert saved["ensemble"]["clip"] == 0.001  # the ensemble stage ran: its section is
 
 
 def test_predict_refuses_a_run_dir_whose_files_are_not_those_recorded(

@@ -149,7 +149,7 @@ def _max_frames(settings: EmbedSettings) -> int:
 
 def _reason(video_id: str, error: str) -> str:
     """An error without the clip's name (errors start with its path or URL, which ends with its id)."""
-    head, sep, tail = error.partition(f"{video_id}: ")
+    _, sep, tail = error.partition(f"{video_id}: ")
     return tail if sep else error
 
 
