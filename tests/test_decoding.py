@@ -85,6 +85,17 @@ def test_processes_give_the_same_frames_in_order_with_error_rows(tmp_path: Path)
         assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
 
 
+@pytest.mark.parametrize("processes", [0, 1])
+def test_a_bug_in_decoding_fails_loudly_instead_of_becoming_an_error_row(processes: int) -> None:
+    """Only bad input becomes an error row: a TypeError from our own code (here a size given as text) must
+    surface, or a bug would quietly turn every clip of a run into an error row."""
+    good = real_video_paths()[0]
+    buggy = DecodeJob(source=str(good), sample_fps=3.0, max_seconds=15.0, n_frames=None, size="64",  # type: ignore[arg-type]
+                      timeout_s=30.0)
+    with pytest.raises(TypeError):
+        list(decode_in_order([_job(good), buggy], processes=processes, threads=1, ahead=2))
+
+
 def test_a_decoder_stuck_in_a_read_is_killed_and_the_next_clips_decode(silent_endpoint: str) -> None:
     good = real_video_paths()[0]
     jobs = [_stuck_job(silent_endpoint, timeout_s=0.5), _job(good)]

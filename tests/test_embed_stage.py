@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,16 @@ from jungletrap.udfs.embed import EMBED_SCHEMA
 
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
-from jungletrap.embed import embed_catalog, part_path, read_embedding_meta
-from jungletrap.features import read_embedding_part
+from jungletrap.embed import (
+    TooManyFailures,
+    embed_catalog,
+    embed_catalog_partition,
+    embed_settings,
+    part_path,
+    read_embedding_meta,
+)
+from jungletrap.feature_fit import FeatureTransform
+from jungletrap.features import features_part, read_embedding_part, transform_part
 
 from .conftest import real_video_paths
 
@@ -48,7 +58,7 @@ def test_real_clips_embed_and_broken_ones_become_error_rows(
     counts = embed_catalog(dask_client, catalog, out, TINY)
     frame = _read_all(out)
     assert len(frame) == len(real_video_paths()) + 2 and frame["video_id"].is_unique
-    assert counts == {"partitions": 3, "embedded": 6, "skipped": 0, "failed": 2}
+    assert counts == {"partitions": 3, "videos": 8, "embedded": 6, "skipped": 0, "failed": 2, "warnings": 0}
     ok = frame[frame["status"] == "ok"]
     assert len(ok) == 6
     # real clips are 1 fps: 3 fps x 15 s keeps each real frame once -> 15; the 6-frame clip gives 6 and the
@@ -93,7 +103,8 @@ def test_resume_recomputes_only_missing_parts(
     part_path(out, 1).unlink()
     (out / ".part-00002.parquet.tmp-deadbeef").write_bytes(b"half written")
     counts = embed_catalog(dask_client, catalog, out, TINY)
-    assert counts["skipped"] == 5 and counts["embedded"] + counts["failed"] == 3  # parts of 3, 3, 2 videos
+    assert counts["skipped"] == 5 and counts["videos"] == 8  # parts of 3, 3, 2 videos
+    assert counts["failed"] == 2  # every part's error rows, not only those of the part embedded again
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert after["part-00000.parquet"] == stamps["part-00000.parquet"]
     assert after["part-00002.parquet"] == stamps["part-00002.parquet"]
@@ -108,3 +119,69 @@ def test_resume_recomputes_only_missing_parts(
     assert counts["skipped"] == 0
     counts = embed_catalog(dask_client, catalog, out, TINY.model_copy(update={"sample_fps": 1.0, "input_size": 96}))
     assert counts["skipped"] == 0 and read_embedding_meta(part_path(out, 0))["input_size"] == 96
+
+
+def test_failed_count_covers_the_parts_embedded_before_a_resume(
+    dask_client: Client, corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """The error rows live in parts of the first run; the resumed run embeds only a part without any."""
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, extra, per_partition=3)
+    out = tmp_path / "emb"
+    embed_catalog(dask_client, catalog, out, TINY)
+    clean = next(p for p in sorted(out.glob("part-*.parquet")) if (pd.read_parquet(p)["status"] == "ok").all())
+    clean.unlink()
+    counts = embed_catalog(dask_client, catalog, out, TINY)
+    assert counts["failed"] == 2 and counts["videos"] == 8 and counts["embedded"] == 3 and counts["skipped"] == 5
+    counts = embed_catalog(dask_client, catalog, out, TINY)  # nothing left to embed (as after --force)
+    assert counts == {"partitions": 3, "videos": 8, "embedded": 0, "skipped": 8, "failed": 2, "warnings": 0}
+
+
+def test_too_many_failures_stop_the_stage_naming_the_count_and_reasons(
+    dask_client: Client, corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, [*extra, root / "gone too.mp4"], per_partition=3)
+    out = tmp_path / "emb"
+    with pytest.raises(TooManyFailures) as err:
+        embed_catalog(dask_client, catalog, out, TINY, max_failed_fraction=0.25)
+    message = str(err.value)
+    assert "3 of 9 videos failed (33.3%, more than run.max_failed_fraction=0.25)" in message
+    assert "commonest reasons: file not found (2); not a readable video container" in message
+    assert err.value.counts["failed"] == 3
+    # Re-run: the error rows of the parts already written count again.
+    with pytest.raises(TooManyFailures, match="3 of 9 videos failed"):
+        embed_catalog(dask_client, catalog, out, TINY, max_failed_fraction=0.25)
+    counts = embed_catalog(dask_client, catalog, out, TINY, max_failed_fraction=1 / 3)  # at the limit: goes on
+    assert counts["failed"] == 3 and counts["videos"] == 9
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_part_tasks_run_again_return_the_part_already_written(
+    corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A task the scheduler runs again (its worker died after writing) must not redo or rewrite the part."""
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, extra, per_partition=3)
+    settings = embed_settings(TINY)
+    part = tmp_path / "emb" / "part-00002.parquet"
+    first = embed_catalog_partition(catalog, 2, part, settings)
+    written = _stamp(part)
+    again = embed_catalog_partition(catalog, 2, part, settings)
+    assert again == {**first, "reused": True} and not first["reused"] and _stamp(part) == written
+    assert first["videos"] == 2 and first["failed"] == 1 and first["reasons"] == {"file not found": 1}
+
+    out = tmp_path / "features" / "part-00002.parquet"
+    meta = {b"jungletrap": json.dumps({"artifact": "features", "pooling": ["mean"]}).encode()}
+    assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2
+    written = _stamp(out)
+    assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2 and _stamp(out) == written
+    transform = FeatureTransform({}, [], [], [])
+    assert transform_part(out, transform, "t1") == 2 and _stamp(out) != written
+    written = _stamp(out)
+    assert transform_part(out, transform, "t1") == 2 and _stamp(out) == written
+    assert transform_part(out, transform, "t2") == 2 and _stamp(out) != written  # another transform: applied

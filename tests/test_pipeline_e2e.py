@@ -201,3 +201,58 @@ def test_python_api_predicts_twice_in_one_process(finished_run: tuple[Path, Path
     sub = pd.read_csv(run_dir / "submission.csv").set_index(FILENAME)
     np.testing.assert_allclose(first.set_index(FILENAME).loc[names, list(CLASS_NAMES)].to_numpy(),
                                sub.loc[names].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _predict_test_clips(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    fmt = pd.read_csv(tiny_dataset / "submission_format.csv")
+    clips = tmp_path / "test clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    for name in fmt[FILENAME]:
+        if not (clips / name).exists():
+            (clips / name).symlink_to(tiny_dataset / "videos" / name)
+    return _cli("predict", "--run-dir", str(run_dir), "--videos", str(clips), "--out", str(tmp_path / "pred.csv"))
+
+
+def test_predict_uses_what_the_models_were_trained_with_not_the_last_config(
+    finished_run: tuple[Path, Path, str], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A later invocation with other embed settings (only the ensemble stage runs) changes nothing predict does."""
+    config, run_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("predict"))
+    proc = _cli("ensemble", "--config", str(config), "--run-dir", str(copy), "--set", "embed.sample_fps=2",
+                "--set", "ensemble.clip=0.001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _predict_test_clips(copy, tiny_dataset, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pred = pd.read_csv(tmp_path / "pred.csv").set_index(FILENAME)
+    sub = pd.read_csv(copy / "submission.csv").set_index(FILENAME)
+    np.testing.assert_allclose(pred.loc[sub.index, list(CLASS_NAMES)].to_numpy(), sub.to_numpy(), rtol=1e-4,
+                               atol=1e-6)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    assert saved["embed"]["sample_fps"] == 1.0  # the embed stage did not run: its section is not rewritten
+    assert saved["ensemble"]["clip"] == 0.001  # the ensemble stage ran: its section is
+
+
+def test_predict_refuses_a_run_dir_whose_files_are_not_those_recorded(
+    finished_run: tuple[Path, Path, str], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    config, run_dir, _ = finished_run
+    edited = tmp_path / "edited"
+    shutil.copytree(run_dir, edited, ignore=shutil.ignore_patterns("predict"))
+    transform = json.loads((edited / "models" / "features.json").read_text())
+    transform["group_medians"] = {}
+    (edited / "models" / "features.json").write_text(json.dumps(transform))
+    proc = _predict_test_clips(edited, tiny_dataset, tmp_path / "a")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "models/features.json has changed since the features stage ran" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "a" / "pred.csv").exists()
+
+    # Embeddings made again with other settings after training: the models were trained on the old ones.
+    reembedded = tmp_path / "reembedded"
+    shutil.copytree(run_dir, reembedded, ignore=shutil.ignore_patterns("predict"))
+    proc = _cli("embed", "--config", str(config), "--run-dir", str(reembedded), "--set", "embed.max_seconds=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _predict_test_clips(reembedded, tiny_dataset, tmp_path / "b")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the features stage's outputs were made from other embed outputs" in proc.stderr

@@ -59,6 +59,8 @@ SMALL = [
     "train.head.max_frames=4",
     "cluster.kind=cpu",
 ]
+#: The bad-input runs: a third of their clips are broken on purpose, above the default max_failed_fraction.
+LENIENT = [*SMALL, "cluster.n_workers=2", "run.max_failed_fraction=0.5"]
 #: Broken inputs and the reason their error row must give.
 BROKEN = {
     "zero.mp4": "empty file",
@@ -197,8 +199,7 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def bad_run(bad_dataset: tuple[Path, Path]) -> tuple[Path, subprocess.CompletedProcess[str]]:
     root, config = bad_dataset
     run_dir = root / "runs" / "lenient"
-    proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
-                cwd=root)
+    proc = _cli("run", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), cwd=root)
     return run_dir, proc
 
 
@@ -235,6 +236,8 @@ def test_every_input_has_one_embedding_row_naming_the_file(
         assert name in row["error"] and reason in row["error"], (name, row["error"])
     good = rows.drop(index=list(BROKEN))
     assert (good["status"] == "ok").all() and good["error"].isna().all()
+    assert rows.loc["half.mkv", "warning"].startswith("truncated: the video stream ends at 1.50 s of 3.00 s declared")
+    assert good.drop(index="half.mkv")["warning"].isna().all()
     assert (good["n_frames"] >= 1).all()
     assert rows.loc["one_frame.mp4", "n_frames"] == 1
     assert 1 <= rows.loc["half.mkv", "n_frames"] < rows.loc["test_0.mp4", "n_frames"]  # what decoded before the cut
@@ -267,13 +270,65 @@ def test_strict_run_with_bad_inputs_exits_1(
     root, config = bad_dataset
     run_dir = root / "runs" / "strict"
     shutil.copytree(lenient, run_dir)
-    proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
-                "--strict", cwd=root)
+    proc = _cli("run", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), "--strict", cwd=root)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.count("already done for this config, skipped") == 5
     assert f"{len(BROKEN)} failed" in proc.stdout
     assert f"error: {len(BROKEN)} video(s) failed" in proc.stderr
     _no_traceback(proc.stderr, proc.stdout)
+
+
+def _embed_status_line(run_dir: Path, cwd: Path) -> list[str]:
+    proc = _cli("status", "--run-dir", str(run_dir), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return next(line for line in proc.stdout.splitlines() if line.startswith("embed ")).split()
+
+
+@pytest.mark.slow
+def test_failures_are_counted_from_every_part_after_force(
+    bad_run: tuple[Path, subprocess.CompletedProcess[str]], bad_dataset: tuple[Path, Path],
+) -> None:
+    """``--force`` re-runs embed, which finds every part whole: the failures are still all counted, the same
+    number in the summary, the exit code, the manifest, ``status`` and the report."""
+    lenient, proc = bad_run
+    assert proc.returncode == 0, proc.stderr
+    root, config = bad_dataset
+    run_dir = root / "runs" / "forced"
+    shutil.copytree(lenient, run_dir)
+    proc = _cli("embed", "--config", str(config), *_sets(LENIENT), "--run-dir", str(run_dir), "--force",
+                "--strict", cwd=root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"videos: 0 embedded, 27 skipped, {len(BROKEN)} failed, 1 truncated" in proc.stdout
+    assert f"error: {len(BROKEN)} video(s) failed" in proc.stderr
+    _no_traceback(proc.stderr, proc.stdout)
+    embed = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["stages"]["embed"]
+    assert embed["status"] == "done" and embed["counts"]["failed"] == len(BROKEN)
+    assert _embed_status_line(run_dir, root)[1:4:2] == ["done", str(len(BROKEN))]
+    assert f"Failed videos: {len(BROKEN)}" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_too_many_failed_clips_stop_the_embed_stage_with_exit_1(
+    bad_run: tuple[Path, subprocess.CompletedProcess[str]], bad_dataset: tuple[Path, Path],
+) -> None:
+    """With the default run.max_failed_fraction (5 %) a third of the clips failing stops the run, naming the
+    count and the commonest reason, and the manifest and ``status`` say so."""
+    lenient, proc = bad_run
+    assert proc.returncode == 0, proc.stderr
+    root, config = bad_dataset
+    run_dir = root / "runs" / "too many"
+    shutil.copytree(lenient, run_dir)
+    proc = _cli("run", "--config", str(config), *_sets([*SMALL, "cluster.n_workers=2"]), "--run-dir", str(run_dir),
+                "--force", cwd=root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (f"error: embed: {len(BROKEN)} of 27 videos failed (33.3%, more than run.max_failed_fraction=0.05); "
+            "commonest reasons: not a readable video container (Invalid data found when processing input) (3); "
+            ) in proc.stderr
+    _no_traceback(proc.stderr, proc.stdout)
+    stages = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["stages"]
+    assert stages["embed"]["status"] == "failed" and stages["embed"]["counts"]["failed"] == len(BROKEN)
+    assert "TooManyFailures" in stages["embed"]["error"] and stages["features"]["status"] == "done"  # not re-run
+    assert _embed_status_line(run_dir, root)[1:4:2] == ["failed", str(len(BROKEN))]
 
 
 @pytest.mark.slow
@@ -314,8 +369,16 @@ def test_predict_gives_one_row_per_file_with_reasons(
 # ---------------------------------------------------------------- 2. worker loss
 
 
+def _stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """Inode and modification time of every part: a part written again (temp file + rename) changes both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _parts(directory)}
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-stage costs only its partitions in flight: no part finished before the kill is
+    embedded again (the client released their futures, the tasks are idempotent), and the output equals a
+    clean run's."""
     clips = tmp_path / "clips"
     clips.mkdir()
     for i in range(12):  # 128 frames each, all sampled: a partition of 2 takes about a second on one core
@@ -329,13 +392,17 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) ->
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         pids: dict[str, int] = client.run(os.getpid)
         killed: tuple[int, list[str]] | None = None
+        before_kill: dict[str, tuple[int, int]] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             job = pool.submit(embed_catalog, client, tmp_path / "catalog.parquet", out, cfg)
             deadline = time.monotonic() + 240
             while not job.done() and time.monotonic() < deadline:
-                if killed is None and 1 <= len(_parts(out)) < n_parts:
+                # Two workers start together: by the second part each has most likely finished one.
+                if killed is None and 2 <= len(_parts(out)) < n_parts:
                     busy = {w: keys for w, keys in client.processing().items() if keys and w in pids}
-                    victim = next(iter(busy), next(iter(pids)))
+                    held = client.has_what()  # finished results still on each worker (none once released)
+                    victim = max(busy or pids, key=lambda w: sum(str(k).startswith("embed-") for k in held.get(w, ())))
+                    before_kill = _stamps(out)
                     os.kill(pids[victim], signal.SIGKILL)
                     killed = (pids[victim], [str(k) for k in busy.get(victim, [])])
                 time.sleep(0.02)
@@ -344,7 +411,13 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) ->
         assert any(k.startswith("embed-") for k in killed[1]), f"the killed worker was not embedding: {killed}"
         client.wait_for_workers(2, timeout=60)
         assert killed[0] not in set(client.run(os.getpid).values())  # the nanny started a fresh process
-    assert counts == {"partitions": n_parts, "embedded": 12, "skipped": 0, "failed": 0}
+        after = _stamps(out)
+        rewritten = [name for name, stamp in before_kill.items() if after.get(name) != stamp]
+        assert rewritten == [], f"parts finished before the kill were embedded again: {rewritten}"
+        clean = tmp_path / "clean"
+        embed_catalog(client, tmp_path / "catalog.parquet", clean, cfg)
+    assert counts == {"partitions": n_parts, "videos": 12, "embedded": 12, "skipped": 0, "failed": 0,
+                      "warnings": 0}
     assert not [p for p in out.iterdir() if TMP_MARK in p.name]
     parts = _parts(out)
     assert len(parts) == n_parts
@@ -359,6 +432,8 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(tmp_path: Path) ->
         assert table.schema.remove_metadata().equals(EMBED_SCHEMA.remove_metadata())
         assert meta["n_rows"] == table.num_rows and meta["backbone"] == "tiny_cnn" and meta["feature_dim"] == 64
         assert table.column("status").to_pylist() == ["ok"] * table.num_rows
+        assert table.equals(pq.read_table(clean / path.name)), f"{path.name} differs from a clean run's"
+        assert meta == read_embedding_meta(clean / path.name)
         result_hashes.add(meta["result_hash"])
         seen += ids
     assert sorted(seen) == sorted(catalog[VIDEO_ID]) and len(seen) == len(set(seen))

@@ -14,7 +14,7 @@ import pytest
 from av.video.frame import PictureType
 
 from jungletrap import video as video_module
-from jungletrap.schema import CONTAINER_COLUMNS, SIZE_BYTES
+from jungletrap.schema import CONTAINER_COLUMNS, SIZE_BYTES, WARNING
 from jungletrap.video import ClipInfo, VideoDecodeError, clip_info, letterbox_box, read_clip, sample_times
 
 from .conftest import real_video_paths
@@ -124,6 +124,7 @@ def test_real_clip_gives_one_frame_per_real_second(path: Path) -> None:
     top, _, h, _ = letterbox_box(info.width, info.height, 112)
     assert frames[:, :top].max() == 0 and frames[:, top + h :].max() == 0, "letterbox bands must be black"
     assert frames[:, top : top + h].mean() > 20, "picture missing"
+    assert info.warning is None, "a whole clip must not be reported as truncated"
 
 
 def test_real_clip_quirks() -> None:
@@ -143,7 +144,7 @@ def test_clip_info_matches_read_clip_and_schema() -> None:
     path = real_video_paths()[0]
     info = clip_info(path)
     assert isinstance(info, ClipInfo) and info.decoded_frames == -1
-    assert list(info.as_dict()) == [*CONTAINER_COLUMNS, SIZE_BYTES]
+    assert list(info.as_dict()) == [*CONTAINER_COLUMNS, SIZE_BYTES, WARNING] and info.warning is None
     read_info = read_clip(path, sample_fps=3, max_seconds=15)[1]
     assert {**read_info.as_dict(), "decoded_frames": -1} == info.as_dict()
 
@@ -166,6 +167,7 @@ def test_sampling_picks_the_frames_on_screen(tmp_path: Path, fps: int, seconds: 
     assert [_read_barcode(f, 96) for f in frames] == expected
     assert len(expected) == min(len(targets), sum(t < 15 for t in times))  # never more than the real frames
     assert info.decoded_frames <= round(min(seconds, 15) * fps) + 1, "decoded past max_seconds"
+    assert info.warning is None
 
 
 @pytest.mark.parametrize(("fps", "rate", "jitter"), [(30, 30, False), (25, 1000, True), (60, 60, False)])
@@ -328,9 +330,10 @@ def test_bad_inputs_raise_video_decode_error(tmp_path: Path, name: str, reason: 
 @pytest.mark.parametrize(("fmt", "codec", "options", "keeps_frames"), [
     ("mp4", "libx264", {}, False),  # the index (moov) is written last: half a file has none
     ("mp4", "libx264", {"movflags": "faststart"}, True),  # index first, as many cameras write it
-    ("avi", "mpeg4", {}, True),
+    ("avi", "mpeg4", {}, True),  # its header keeps the frame count; FFmpeg re-estimates the duration from the bytes
+    ("matroska", "libx264", {}, True),  # the duration is in the header, no frame count
 ])
-def test_truncated_clip_returns_its_first_frames_or_raises(
+def test_truncated_clip_returns_its_first_frames_with_a_warning_or_raises(
     tmp_path: Path, fmt: str, codec: str, options: dict[str, str], keeps_frames: bool
 ) -> None:
     times = _cfr(30, 10)
@@ -345,6 +348,14 @@ def test_truncated_clip_returns_its_first_frames_or_raises(
     frames, info = read_clip(cut, sample_fps=30, max_seconds=15, size=64)
     assert 0 < len(frames) <= info.decoded_frames < len(times) // 2 + 30
     assert [_read_barcode(f, 64) for f in frames] == list(range(len(frames)))
+    end = len(frames) / 30
+    assert info.warning is not None and info.warning.startswith(f"truncated: the video stream ends at {end:.2f} s "
+                                                                "of 10.00 s declared"), info.warning
+    if fmt == "avi":
+        assert f"{info.decoded_frames} of 300 declared frames" in info.warning
+    assert read_clip(clip, sample_fps=30, max_seconds=15, size=64)[1].warning is None  # the whole file
+    # Only frames inside the sampled window count: the first 2 s of the cut clip are all there.
+    assert read_clip(cut, sample_fps=3, max_seconds=2, size=64)[1].warning is None
 
 
 def test_timeout_raises(tmp_path: Path) -> None:

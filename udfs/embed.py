@@ -38,6 +38,7 @@ from jungletrap.schema import (
     STATUS_ERROR,
     STATUS_OK,
     VIDEO_ID,
+    WARNING,
 )
 from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
@@ -56,7 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever EMBED_SCHEMA changes: parts written under another version are recomputed.
-EMBED_SCHEMA_VERSION = "2"
+EMBED_SCHEMA_VERSION = "3"  # 3: the ``warning`` column
 
 #: Output schema of :func:`embed_partition` (and of every ``embeddings/<backbone>/part-*.parquet``).
 EMBED_SCHEMA = pa.schema(
@@ -77,6 +78,7 @@ EMBED_SCHEMA = pa.schema(
         *[pa.field(name, pa.float32()) for name in PIXEL_COLUMNS],
         pa.field(STATUS, pa.string()),
         pa.field(ERROR, pa.string()),
+        pa.field(WARNING, pa.string()),  # ok rows that lost real frames: why (see video.read_clip)
     ]
 )
 assert all(name in EMBED_SCHEMA.names for name in CONTAINER_COLUMNS)

@@ -85,11 +85,13 @@ def _load(config: Path | None, sets: list[str] | None, run_dir: str | None) -> t
     return cfg, resolved
 
 
-def _summary(run_dir: Any, results: dict[str, Any]) -> None:
+def _summary(run_dir: Any, results: dict[str, Any], failed: int) -> None:
     embed = results.get("embed", {})
     if embed:
+        warned = f", {embed['warnings']} truncated or partly corrupt (see the warning column)" if embed.get(
+            "warnings") else ""
         typer.echo(f"videos: {embed.get('embedded', 0)} embedded, {embed.get('skipped', 0)} skipped, "
-                   f"{embed.get('failed', 0)} failed")
+                   f"{failed} failed{warned}")
     if "ensemble" in results:
         ens = results["ensemble"]
         typer.echo(f"submission: {run_dir / 'submission.csv'}")
@@ -99,11 +101,19 @@ def _summary(run_dir: Any, results: dict[str, Any]) -> None:
                    f"(class-prior baseline {ens['prior_oof_log_loss']:.5f})")
 
 
-def _failed_count(run_dir: Any, results: dict[str, Any]) -> int:
+def _failed_count(cfg: JobConfig, run_dir: Any) -> int:
+    """Error rows in the run's embedding parts, all of them: the embed stage's own count (it reads every part,
+    those of earlier invocations included), else, for a stage recorded by an older version that counted
+    only its last invocation, or none recorded, counted from the parts here."""
+    from jungletrap.embed import count_failures
     from jungletrap.manifest import Manifest
+    from jungletrap.train import embed_dir
 
     rec = Manifest(run_dir).stage("embed")
-    return int(rec.counts.get("failed", 0)) if rec else 0
+    if rec is not None and rec.status == "done" and "videos" in rec.counts:
+        return int(rec.counts["failed"])
+    parts = embed_dir(cfg, run_dir)
+    return count_failures(parts) if parts.is_dir() else 0
 
 
 def execute(
@@ -132,6 +142,7 @@ def execute(
         typer.echo(f"error: {err}", err=True)
         return 2
     from jungletrap.cluster import ClusterError, open_client
+    from jungletrap.embed import TooManyFailures
     from jungletrap.pipeline import StageContext, run_pipeline
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -143,11 +154,14 @@ def execute(
     except (ClusterError, InputError, ConfigError) as err:  # ConfigError: e.g. embed.weights missing on workers
         typer.echo(f"error: {err}", err=True)
         return 2
+    except TooManyFailures as err:
+        typer.echo(f"error: {err}", err=True)
+        return 1
     except KeyboardInterrupt:
         typer.echo(f"interrupted: run the same command again to resume ({resolved})", err=True)
         return 130
-    _summary(resolved, results)
-    failed = _failed_count(resolved, results)
+    failed = _failed_count(cfg, resolved)
+    _summary(resolved, results, failed)
     if failed and (strict or cfg.run.strict):
         typer.echo(f"error: {failed} video(s) failed (see {resolved / 'report.html'} or the embeddings)", err=True)
         return 1
@@ -258,7 +272,7 @@ def predict(
     """Score new videos with a finished run's models; one output row per input file."""
     _setup_logging()
     from jungletrap.cluster import ClusterError, open_client
-    from jungletrap.predict import predict_videos
+    from jungletrap.predict import RunMismatch, predict_videos
     from jungletrap.storage import run_path
 
     try:
@@ -273,7 +287,7 @@ def predict(
             typer.echo(f"dask dashboard: {info.dashboard_link}")
             frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold,
                                    storage_options=options)
-    except (ClusterError, ConfigError, FileNotFoundError) as err:
+    except (ClusterError, ConfigError, FileNotFoundError, RunMismatch) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     failed = int((frame["status"] != "ok").sum())

@@ -54,6 +54,8 @@ class RunConfig(_Section):
     root: str = "runs"
     seed: int = 0
     strict: bool = False
+    #: The embed stage stops (exit 1) once more than this share of the catalog's clips are error rows.
+    max_failed_fraction: float = Field(0.05, ge=0.0, le=1.0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -32,6 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import numpy as np
 
 from jungletrap.pixels import pixel_stats
@@ -82,11 +83,20 @@ class DecodedClip:
 
 
 def decode(job: DecodeJob) -> DecodedClip:
-    """Decode and sample one clip; raises :class:`VideoDecodeError` naming the file on bad input."""
-    with open_clip(job.source, job.storage_options) as source:  # a remote clip is read as a file object
-        frames, info = read_clip(source, sample_fps=job.sample_fps, max_seconds=job.max_seconds,
-                                 n_frames=job.n_frames, size=job.size, timeout_s=job.timeout_s,
-                                 threads=job.codec_threads)
+    """Decode and sample one clip; raises :class:`VideoDecodeError` naming the file on bad input.
+
+    Bad input is what FFmpeg or the file system reject (an FFmpeg error or ``OSError`` that ``read_clip`` did not
+    already name): the clip's fault, so it becomes an error row. Anything else (``TypeError``, ``ValueError``,
+    ...) is a bug in this code and is raised as it is, so that it fails the task instead of turning every clip
+    into an error row.
+    """
+    try:
+        with open_clip(job.source, job.storage_options) as source:  # a remote clip is read as a file object
+            frames, info = read_clip(source, sample_fps=job.sample_fps, max_seconds=job.max_seconds,
+                                     n_frames=job.n_frames, size=job.size, timeout_s=job.timeout_s,
+                                     threads=job.codec_threads)
+    except (av.error.FFmpegError, OSError) as err:  # av.error.ValueError etc. are FFmpegErrors too
+        raise VideoDecodeError(f"{job.source}: cannot read ({type(err).__name__}: {err})") from None
     return DecodedClip(frames, info, pixel_stats(frames, info, job.size))
 
 
@@ -214,15 +224,13 @@ def decode_in_order(jobs: Sequence[DecodeJob], *, processes: int, threads: int, 
         yield from _decode_with(pool, jobs, max(ahead, threads))
 
 
-def _outcome(job: DecodeJob, future: Future[DecodedClip], timeout_s: float | None = None) -> DecodedClip | str:
+def _outcome(future: Future[DecodedClip], timeout_s: float | None = None) -> DecodedClip | str:
+    """The clip, or the reason it is an error row. Only bad input (:class:`VideoDecodeError`) becomes a row:
+    any other exception from :func:`decode` is a bug and is raised (it fails the partition's task loudly)."""
     try:
         return future.result(timeout=timeout_s)
     except VideoDecodeError as err:
         return str(err)
-    except (BrokenProcessPool, FutureTimeout, CancelledError):
-        raise
-    except Exception as err:  # a decoder bug must still cost one row, not the partition
-        return f"{job.source}: unexpected {type(err).__name__}: {err}"
 
 
 def _as_decoded(pos: int, outcome: DecodedClip | str) -> Decoded:
@@ -238,7 +246,7 @@ def _decode_with(pool: Executor, jobs: Sequence[DecodeJob], ahead: int) -> Itera
             break
     while pending:
         pos, future = pending.popleft()
-        outcome = _outcome(jobs[pos], future)
+        outcome = _outcome(future)
         nxt = next(positions, None)
         if nxt is not None:  # keep the pool busy while the caller runs the model
             pending.append((nxt, pool.submit(decode, jobs[nxt])))
@@ -257,7 +265,7 @@ def _wait(job: DecodeJob, future: Future[DecodedClip], pool: ProcessPoolExecutor
     deadline = time.monotonic() + _hard_limit_s(job)
     while True:
         try:
-            return _outcome(job, future, min(1.0, max(0.0, deadline - time.monotonic())))
+            return _outcome(future, min(1.0, max(0.0, deadline - time.monotonic())))
         except FutureTimeout:
             if time.monotonic() >= deadline:
                 raise

@@ -2,11 +2,16 @@
 
 Each task reads its own rows from ``catalog.parquet`` (the client never ships video bytes or embeddings),
 runs :func:`jungletrap.udfs.embed.embed_partition`, and writes ``part-NNNNN.parquet`` atomically with the
-settings' hash in the file metadata. A part that exists with the same hash and row count is complete and is
-skipped on the next run, so an interrupted stage resumes where it stopped and never writes a video twice.
+settings' hash in the file metadata. A part that exists with the same hashes is complete and is skipped on the
+next run, so an interrupted stage resumes where it stopped and never writes a video twice. The task itself is
+idempotent too (a complete part is returned, not rewritten), and each task's future is released once its
+result is read, so a worker lost late in the stage costs only the partitions it had in flight.
 A part's rows hash covers each clip's stamp (size + version), so a clip replaced under the same name is
 embedded again; after a change of partition sizes, rows already embedded are copied into the new parts
 (:mod:`jungletrap.embed_reuse`) instead of being decoded again.
+
+The stage's counts (``failed`` above all) are read from every part, those of earlier runs included: a resumed,
+forced or copied run reports every error row it holds, not only those of its last invocation.
 """
 
 from __future__ import annotations
@@ -14,21 +19,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import closing
 from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from distributed import Client, as_completed
+from distributed import Client
 
 from jungletrap import __version__
 from jungletrap.backbones import get_spec
 from jungletrap.cluster import gpu_resources
 from jungletrap.config import EmbedConfig, config_hash
 from jungletrap.embed_reuse import copy_rows, drop_reused, plan_copies
-from jungletrap.schema import PARTITION, PATH, STAMP, STATUS, STATUS_ERROR, VIDEO_ID
+from jungletrap.schema import ERROR, PARTITION, PATH, STAMP, STATUS, STATUS_ERROR, VIDEO_ID, WARNING
 from jungletrap.storage import (
     RunPath,
     path_token,
@@ -37,6 +44,7 @@ from jungletrap.storage import (
     remove_stale_temps,
     write_parquet_atomic,
 )
+from jungletrap.tasks import results_as_completed
 from jungletrap.udfs.embed import (
     EMBED_SCHEMA,
     EMBED_SCHEMA_VERSION,
@@ -47,13 +55,35 @@ from jungletrap.udfs.embed import (
 )
 from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
-__all__ = ["embed_settings", "embed_catalog", "pin_weights", "read_embedding_meta", "part_path", "EmbedCounts"]
+__all__ = [
+    "embed_settings",
+    "embed_catalog",
+    "pin_weights",
+    "read_embedding_meta",
+    "read_part_summary",
+    "count_failures",
+    "result_hash",
+    "RESULT_KEYS",
+    "part_path",
+    "EmbedCounts",
+    "TooManyFailures",
+]
 
 log = logging.getLogger(__name__)
 
 META_KEY = b"jungletrap"
 
 EmbedCounts = dict[str, int]
+#: Reasons named when the stage stops for too many failures.
+N_REASONS = 3
+
+
+class TooManyFailures(RuntimeError):
+    """More clips failed than ``run.max_failed_fraction`` allows; ``counts`` are the stage's counts so far."""
+
+    def __init__(self, message: str, counts: EmbedCounts) -> None:
+        super().__init__(message)
+        self.counts = counts
 
 
 def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
@@ -94,11 +124,19 @@ def _resolve_weights_or_error(backbone: str, weights: str | None) -> ResolvedWei
         return err
 
 
+#: The settings that change the numbers written (not batch size, prefetch, timeouts, the device or the runtime:
+#: OpenVINO's features agree with torch's to 1e-3), besides the weights' identity.
+RESULT_KEYS: tuple[str, ...] = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype", "input_size")
+
+
+def result_hash(settings: EmbedSettings) -> str:
+    """The hash written in every part: equal hashes, equal embeddings."""
+    return _result_hash(settings)
+
+
 def _result_hash(settings: EmbedSettings) -> str:
-    """Hash of the settings that change the numbers written (not batch size, prefetch or timeouts), with the
-    weights' identity (file sha256 or random seed). Not the runtime: its features agree with torch's to 1e-3."""
-    keys = ("backbone", "sample_fps", "max_seconds", "n_frames", "dtype", "input_size")
-    values: dict[str, Any] = {k: getattr(settings, k) for k in keys}
+    """Hash of :data:`RESULT_KEYS` and the weights' identity (file sha256 or random seed)."""
+    values: dict[str, Any] = {k: getattr(settings, k) for k in RESULT_KEYS}
     values["weights"] = settings.pinned_weights.identity if settings.pinned_weights else None
     if values["input_size"] is None:  # the backbone's own size: hashed as before the key existed
         del values["input_size"]
@@ -160,20 +198,56 @@ def _max_frames(settings: EmbedSettings) -> int:
     return max(1, int(round(settings.sample_fps * settings.max_seconds)))
 
 
-def embed_catalog_partition(catalog_path: RunPath, partition: int, out_path: RunPath, settings: EmbedSettings,
-                            storage_options: Mapping[str, Any] | None = None) -> EmbedCounts:
-    """Dask task: read one partition's catalog rows, embed them, write the part atomically; return counts.
+def _reason(video_id: str, error: str) -> str:
+    """An error without the clip's name (errors start with its path or URL, which ends with its id)."""
+    _, sep, tail = error.partition(f"{video_id}: ")
+    return tail if sep else error
 
-    ``storage_options`` open remote clips; the worker reads the clips itself, the client never does.
+
+def _summarize(frame: pd.DataFrame) -> dict[str, Any]:
+    """Rows, error rows (with their reasons) and warned rows of a part, from its id/status/error/warning."""
+    failed = frame[frame[STATUS] == STATUS_ERROR]
+    warned = int(frame[WARNING].notna().sum()) if WARNING in frame.columns else 0  # parts before schema 3: none
+    reasons = Counter(_reason(str(v), str(e)) for v, e in zip(failed[VIDEO_ID], failed[ERROR], strict=True))
+    return {"videos": len(frame), "failed": len(failed), "warnings": warned, "reasons": dict(reasons)}
+
+
+def read_part_summary(path: RunPath | str) -> dict[str, Any]:
+    """Counts of one embedding part read from the file (four small columns, never the embeddings)."""
+    columns = [c for c in (VIDEO_ID, STATUS, ERROR, WARNING) if c in read_schema(path).names]
+    return _summarize(read_parquet(path, columns=columns))
+
+
+def count_failures(embed_dir: RunPath) -> int:
+    """Error rows in every embedding part of ``embed_dir`` (0 when it has none), read on the caller."""
+    return sum(read_part_summary(p)["failed"] for p in sorted(embed_dir.glob("part-*.parquet")))
+
+
+def embed_catalog_partition(catalog_path: RunPath, partition: int, out_path: RunPath, settings: EmbedSettings,
+                            storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Dask task: read one partition's catalog rows, embed them, write the part atomically; return its counts.
+
+    Idempotent: when the part is already complete for these rows and settings (the task runs again because its
+    worker died after writing it, or another run wrote it), it is not recomputed and its counts are read from
+    the file. ``storage_options`` open remote clips; the worker reads the clips itself, the client never does.
     """
     rows = read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
+    rows_hash = _rows_hash(rows)
+    if _is_complete(out_path, _result_hash(settings), rows_hash):
+        return {**read_part_summary(out_path), "reused": True}
     frame = embed_partition(rows, settings=settings, storage_options=storage_options)
     if len(frame) != len(rows) or list(frame[VIDEO_ID]) != list(rows[VIDEO_ID]):
         raise RuntimeError(f"embed UDF returned {len(frame)} rows for {len(rows)} videos (partition {partition})")
     table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame), _clips(rows)))
+    table = table.replace_schema_metadata(_file_metadata(settings, rows_hash, len(frame), _clips(rows)))
     write_parquet_atomic(table, out_path)
-    return {"videos": len(frame), "failed": int((frame[STATUS] == STATUS_ERROR).sum())}
+    return {**_summarize(frame), "reused": False}
+
+
+def _copy_part(sources: Any, out_path: RunPath, metadata: dict[bytes, bytes]) -> dict[str, Any]:
+    """Dask task: a part made of rows already embedded (a change of partition sizes); its counts as any part's."""
+    copy_rows(sources, out_path, metadata)
+    return {**read_part_summary(out_path), "reused": False}
 
 
 def _is_complete(path: RunPath, result_hash: str, rows_hash: str) -> bool:
@@ -195,6 +269,45 @@ def _remove_foreign_parts(out_dir: RunPath, partitions: set[int]) -> None:
             path.unlink()
 
 
+class _Tally:
+    """The stage's counts over every part, and the stop rule for too many failures.
+
+    ``max_failed_fraction`` is checked after every part: once the error rows seen so far exceed that share of
+    *all* the catalog's clips, the final count must exceed it too, so the stage stops at once rather than after
+    embedding the rest (a bug that fails every clip is caught after that share of the stage, not at its end).
+    """
+
+    def __init__(self, total_videos: int, partitions: int, max_failed_fraction: float | None) -> None:
+        self.total, self.max_fraction = total_videos, max_failed_fraction
+        self.counts: EmbedCounts = {"partitions": partitions, "videos": 0, "embedded": 0, "skipped": 0,
+                                    "failed": 0, "warnings": 0}
+        self.reasons: Counter[str] = Counter()
+
+    def add(self, part: Mapping[str, Any], *, skipped: bool) -> None:
+        for key in ("videos", "failed", "warnings"):
+            self.counts[key] += int(part[key])
+        self.counts["skipped" if skipped else "embedded"] += int(part["videos"]) - (0 if skipped else part["failed"])
+        self.reasons.update(part["reasons"])
+
+    def check(self, out_dir: RunPath) -> None:
+        """Raise :class:`TooManyFailures` when the failures already exceed the allowed share of the clips."""
+        failed = self.counts["failed"]
+        if self.max_fraction is None or failed <= self.max_fraction * self.total:
+            return
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in self.reasons.most_common(N_REASONS))
+        raise TooManyFailures(
+            f"embed: {failed} of {self.total} videos failed ({failed / self.total:.1%}, more than "
+            f"run.max_failed_fraction={self.max_fraction:g}); commonest reasons: {reasons}. Every failed clip and "
+            f"its reason are in the error column of {out_dir}; raise run.max_failed_fraction to go on regardless.",
+            dict(self.counts))
+
+
+def _count_skipped(client: Client, paths: list[RunPath], token: str) -> Iterable[dict[str, Any]]:
+    """Counts of the parts already complete, read on the workers (two small columns a part)."""
+    futures = client.map(read_part_summary, paths, key=[f"embed-count-{p.stem}-{token}" for p in paths], pure=False)
+    return results_as_completed(client, futures)
+
+
 def embed_catalog(
     client: Client,
     catalog_path: RunPath,
@@ -204,11 +317,16 @@ def embed_catalog(
     progress: Callable[[int, int, float], None] | None = None,
     gpu: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    max_failed_fraction: float | None = None,
 ) -> EmbedCounts:
     """Embed every partition of ``catalog_path`` not yet complete in ``out_dir``; return stage counts.
 
-    With ``gpu`` the tasks need a ``GPU`` worker resource, so they run only on GPU workers.
-    ``storage_options`` are the data's (for remote clips); they go to the tasks, never into keys or files.
+    Counts cover every part (``failed``, ``warnings``, ``videos``), those already complete included;
+    ``embedded`` and ``skipped`` split the ok rows between this call and earlier ones. With
+    ``max_failed_fraction`` the stage raises :class:`TooManyFailures` as soon as more than that share of the
+    catalog's clips are error rows. With ``gpu`` the tasks need a ``GPU`` worker resource, so they run only
+    on GPU workers. ``storage_options`` are the data's (for remote clips); they go to the tasks, never into
+    keys or files.
     """
     settings = pin_weights(client, embed_settings(cfg), gpu=gpu)
     result_hash = _result_hash(settings)
@@ -222,9 +340,16 @@ def embed_catalog(
                if not _is_complete(part_path(out_dir, p), result_hash, _rows_hash(rows))]
     copies = plan_copies(out_dir, result_hash, {p: groups[p] for p in pending}, set(groups))  # before overwriting
     _remove_foreign_parts(out_dir, set(groups))
-    skipped = int(sizes.drop(index=pending).sum())
+    done_parts = [part_path(out_dir, p) for p in groups if p not in set(pending)]
     total = int(sizes.loc[pending].sum()) if pending else 0
-    log.info("embed: %d partitions (%d videos) to run, %d videos already embedded", len(pending), total, skipped)
+    log.info("embed: %d partitions (%d videos) to run, %d videos already embedded", len(pending), total,
+             int(sizes.sum()) - total)
+    tally = _Tally(int(sizes.sum()), len(sizes), max_failed_fraction)
+    token = path_token(out_dir)
+    with closing(iter(_count_skipped(client, done_parts, token))) as skipped:
+        for part in skipped:
+            tally.add(part, skipped=True)
+    tally.check(out_dir)
     futures = [
         client.submit(
             embed_catalog_partition,
@@ -233,36 +358,32 @@ def embed_catalog(
             part_path(out_dir, p),
             settings,
             dict(storage_options or {}),
-            key=f"embed-{p:05d}-{result_hash[:8]}-{path_token(out_dir)}",
+            key=f"embed-{p:05d}-{result_hash[:8]}-{token}",
             retries=cfg.retries,
             pure=False,
             resources=gpu_resources(gpu),
         )
         for p in pending if p not in copies
     ] + [
-        client.submit(copy_rows, copies[p], part_path(out_dir, p),
+        client.submit(_copy_part, copies[p], part_path(out_dir, p),
                       _file_metadata(settings, _rows_hash(groups[p]), len(groups[p]), _clips(groups[p])),
                       key=f"embed-copy-{p:05d}-{result_hash[:8]}-{path_token(out_dir)}", retries=cfg.retries,
                       pure=False)
         for p in pending if p in copies
     ]
-    counts = {"partitions": len(sizes), "embedded": 0, "skipped": skipped, "failed": 0}
     start, done = time.monotonic(), 0
-    try:
-        for fut in as_completed(futures):
-            part = fut.result()
+    # Ctrl-C, SIGTERM, a cancelled run, a failed partition or too many failures: closing the results cancels the
+    # queued partitions now. Otherwise the workers go on embedding until the client closes, seconds later.
+    # Each future is released once read: a worker lost later costs only the partitions it has in flight.
+    with closing(iter(results_as_completed(client, futures))) as results:
+        for part in results:
+            tally.add(part, skipped=False)
             done += part["videos"]
-            counts["embedded"] += part["videos"] - part["failed"]
-            counts["failed"] += part["failed"]
+            tally.check(out_dir)
             if progress is not None:
                 progress(done, total, time.monotonic() - start)
-    except BaseException:
-        # Ctrl-C, SIGTERM, a cancelled run or a failed partition: stop queued partitions now. Otherwise the
-        # workers go on embedding until the client closes, seconds later, and can finish the whole stage.
-        client.cancel(futures)
-        raise
     # A worker killed mid-write leaves its temporary file; its task was retried elsewhere, and every task of
     # this call has finished, so nothing is still writing here: leave the directory clean, not at next start.
     remove_stale_temps(out_dir)
     drop_reused(out_dir)  # every part made from the moved-aside ones is written
-    return counts
+    return tally.counts

@@ -5,24 +5,31 @@ One Dask task per embedding part reads it on a worker, maps it through
 writes ``features/part-NNNNN.parquet`` atomically; then the transforms learned from training rows only
 (:mod:`jungletrap.feature_fit`) are fitted on the client from those rows and applied to every part by Dask
 tasks. The stage is cheap next to embedding, so it is recomputed whole when its inputs change.
+
+Within a run both kinds of task are idempotent (a part already written from the same embedding part and
+settings, or already transformed by the same transform, is returned as it is) and each future is released once
+its result is read: a worker lost mid-stage costs only the parts it had in flight.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from distributed import Client
 
-from jungletrap.config import FeaturesConfig
+from jungletrap.config import FeaturesConfig, config_hash
 from jungletrap.embed import read_embedding_meta
 from jungletrap.feature_fit import RELATIVE_FEATURES, FeatureTransform, apply_feature_transform, fit_feature_transform
 from jungletrap.schema import EMBEDDING, VIDEO_ID
 from jungletrap.storage import RunPath, path_token, read_schema, read_table, write_parquet_atomic
+from jungletrap.tasks import results_as_completed
 from jungletrap.udfs.features import FEATURE_SET_VERSION, features_meta, features_partition
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "embedding_parts",
     "features_part",
     "read_embedding_part",
+    "read_features_meta",
     "transform_part",
 ]
 
@@ -39,6 +47,28 @@ log = logging.getLogger(__name__)
 
 FEATURES_DIR = "features"
 FEATURE_TRANSFORM = Path("models") / "features.json"
+META_KEY = b"jungletrap"
+
+
+def read_features_meta(path: RunPath | str) -> dict[str, Any]:
+    """The jungletrap key-value metadata of a feature part (feature-set version, pooling, sources...)."""
+    meta = read_schema(path).metadata or {}
+    return dict(json.loads(meta.get(META_KEY, b"{}")))
+
+
+def _written_with(path: RunPath, expected: dict[str, Any]) -> bool:
+    """True when ``path`` is a feature part whose metadata holds every item of ``expected``."""
+    if not path.is_file():
+        return False
+    try:
+        meta = read_features_meta(path)
+    except (OSError, pa.ArrowInvalid, ValueError):
+        return False
+    return all(meta.get(k) == v for k, v in expected.items())
+
+
+def _n_rows(path: RunPath) -> int:
+    return read_table(path, columns=[VIDEO_ID]).num_rows
 
 
 def embedding_parts(embed_dir: RunPath) -> list[RunPath]:
@@ -86,11 +116,20 @@ def _fit_transform(parts: list[RunPath], fit_ids: set[str], cfg: FeaturesConfig,
     return transform
 
 
-def transform_part(path: RunPath, transform: FeatureTransform) -> int:
-    """Dask task: add the fitted columns to one feature part, rewriting it atomically; return its rows."""
+def transform_part(path: RunPath, transform: FeatureTransform, transform_hash: str = "") -> int:
+    """Dask task: add the fitted columns to one feature part, rewriting it atomically; return its rows.
+
+    Idempotent: a part already transformed by ``transform_hash`` (the task ran again) is left as it is.
+    """
+    if transform_hash and _written_with(path, {"transform": transform_hash}):
+        return _n_rows(path)
     table = read_table(path)
     frame = apply_feature_transform(table.to_pandas(), transform)
-    out = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata)
+    metadata = dict(table.schema.metadata or {})
+    if transform_hash:
+        metadata[META_KEY] = json.dumps({**json.loads(metadata.get(META_KEY, b"{}")),
+                                         "transform": transform_hash}).encode()
+    out = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(metadata)
     write_parquet_atomic(out, path)
     return len(frame)
 
@@ -99,15 +138,22 @@ def features_part(embed_path: RunPath, out_path: RunPath, *, embed_dim: int, poo
                   metadata: dict[bytes, bytes]) -> int:
     """Dask task: one embedding part → one feature part (written atomically); return its rows.
 
+    The part's metadata is ``metadata`` plus the identity of the embedding part it was made from; a part
+    already written with that metadata (the task ran again after its worker died) is returned, not rewritten.
     Plain pandas in the task (not a Dask DataFrame) keeps the per-video embedding arrays as numpy objects:
     Dask's string conversion of object columns would otherwise turn them into text.
     """
+    source = read_embedding_meta(embed_path)
+    info = {**json.loads(metadata[META_KEY]),
+            "source": {k: source.get(k) for k in ("result_hash", "rows_hash", "n_rows")}}
+    if _written_with(out_path, info):
+        return _n_rows(out_path)
     frame = features_partition(read_embedding_part(embed_path), embed_dim=embed_dim, pooling=pooling)
     declared = list(features_meta(embed_dim, pooling).columns)
     if list(frame.columns) != declared:
         raise RuntimeError(f"features UDF returned columns that differ from its declared schema ({embed_path})")
     table = pa.Table.from_pandas(frame, schema=_schema(frame), preserve_index=False)
-    write_parquet_atomic(table.replace_schema_metadata(metadata), out_path)
+    write_parquet_atomic(table.replace_schema_metadata({**metadata, META_KEY: json.dumps(info).encode()}), out_path)
     return len(frame)
 
 
@@ -125,26 +171,31 @@ def build_features(client: Client, embed_dir: RunPath, out_dir: RunPath, cfg: Fe
     ``transform_path``; without, the transform saved there by the run is loaded and applied (predict).
     """
     parts = embedding_parts(embed_dir)
-    embed_dim = int(read_embedding_meta(parts[0])["feature_dim"])
-    custom = {b"jungletrap": json.dumps({"artifact": "features", "feature_set_version": FEATURE_SET_VERSION,
-                                         "embed_dim": embed_dim, "pooling": list(cfg.pooling),
-                                         "pca_components": cfg.pca_components}).encode()}
+    embed_meta = read_embedding_meta(parts[0])
+    embed_dim = int(embed_meta["feature_dim"])
+    custom = {META_KEY: json.dumps({"artifact": "features", "feature_set_version": FEATURE_SET_VERSION,
+                                    "embed_dim": embed_dim, "pooling": list(cfg.pooling),
+                                    "pca_components": cfg.pca_components,
+                                    "embed_result_hash": embed_meta.get("result_hash")}).encode()}
     if out_dir.exists():
         for stale in out_dir.glob("part-*.parquet"):
             stale.unlink()
+    token = path_token(out_dir)
     futures = client.map(features_part, parts, [out_dir / p.name for p in parts],
                          embed_dim=embed_dim, pooling=list(cfg.pooling), metadata=custom,
-                         key=[f"features-{p.stem}-{path_token(out_dir)}" for p in parts], pure=False)
-    client.gather(futures)
+                         key=[f"features-{p.stem}-{token}" for p in parts], pure=False)
+    for _ in results_as_completed(client, futures):
+        pass
     feature_parts = sorted(out_dir.glob("part-*.parquet"))
     if fit_ids is not None:
         transform = _fit_transform(feature_parts, fit_ids, cfg, seed)
         transform.save(transform_path)
     else:
         transform = FeatureTransform.load(transform_path)
-    token = path_token(out_dir)
-    rows = client.gather(client.map(transform_part, feature_parts, transform=transform,
-                                    key=[f"features-transform-{p.stem}-{token}" for p in feature_parts], pure=False))
+    transform_hash = config_hash(asdict(transform))
+    rows = list(results_as_completed(client, client.map(
+        transform_part, feature_parts, transform=transform, transform_hash=transform_hash,
+        key=[f"features-transform-{p.stem}-{token}" for p in feature_parts], pure=False)))
     n_columns = len(read_schema(feature_parts[0]).names) if feature_parts else 0
     log.info("features: %d rows, %d columns (%d pooled dims x %s, %d PCA)", sum(rows), n_columns, embed_dim,
              list(cfg.pooling), len(transform.pca_components))

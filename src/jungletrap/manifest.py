@@ -22,7 +22,10 @@ MANIFEST_NAME = "manifest.json"
 
 @dataclass
 class StageRecord:
-    """One stage's entry: status is ``running``, ``done``, ``failed`` or ``interrupted``."""
+    """One stage's entry: status is ``running``, ``done``, ``failed`` or ``interrupted``.
+
+    ``lineage`` (done stages): what its outputs were made from, see :mod:`jungletrap.lineage`.
+    """
 
     status: str
     config_hash: str
@@ -32,6 +35,7 @@ class StageRecord:
     counts: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
+    lineage: dict[str, Any] | None = None
 
 
 class Manifest:
@@ -46,7 +50,10 @@ class Manifest:
 
     def stage(self, name: str) -> StageRecord | None:
         raw = self.data["stages"].get(name)
-        return StageRecord(**raw) if raw else None
+        if not raw:
+            return None
+        known = StageRecord.__dataclass_fields__
+        return StageRecord(**{k: v for k, v in raw.items() if k in known})  # a newer version's keys are ignored
 
     def is_done(self, name: str, config_hash: str) -> bool:
         """True when the stage finished with the same config and its outputs still exist."""
@@ -66,6 +73,7 @@ class Manifest:
         counts: dict[str, Any] | None = None,
         outputs: list[str] | None = None,
         error: str | None = None,
+        lineage: dict[str, Any] | None = None,
     ) -> None:
         rec = self.stage(name)
         if rec is None:
@@ -76,6 +84,7 @@ class Manifest:
         rec.counts = dict(counts or {})
         rec.outputs = list(outputs or [])
         rec.error = error
+        rec.lineage = lineage
         self._put(name, rec)
 
     def record_event(self, text: str) -> None:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from distributed import Client, performance_report
+from pydantic import ValidationError
 
 from jungletrap.catalog import CATALOG_NAME, InputError, Inputs, build_catalog, read_inputs, write_catalog
 from jungletrap.cluster import ClusterInfo, explain_lost_workers
@@ -33,6 +35,7 @@ from jungletrap.config import STAGES, JobConfig, config_hash, save_config
 from jungletrap.embed import embed_catalog
 from jungletrap.ensemble import run_ensemble
 from jungletrap.features import FEATURE_TRANSFORM, FEATURES_DIR, build_features
+from jungletrap.lineage import stage_lineage
 from jungletrap.manifest import Manifest
 from jungletrap.report import write_report
 from jungletrap.schema import SPLIT, SPLIT_TRAIN, VIDEO_ID
@@ -229,11 +232,12 @@ def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     progress = EmbedProgress(check=lambda: ctx.check_cancelled("during embed"))
     try:
         counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=progress,
-                               gpu=ctx.info.gpu, storage_options=ctx.cfg.data.storage_options)
+                               gpu=ctx.info.gpu, storage_options=ctx.cfg.data.storage_options,
+                               max_failed_fraction=ctx.cfg.run.max_failed_fraction)
     finally:
         progress.close()
-    log.info("embed: %d embedded, %d skipped (already done), %d failed", counts["embedded"], counts["skipped"],
-             counts["failed"])
+    log.info("embed: %d embedded, %d skipped (already done), %d failed, %d with a warning (all parts)",
+             counts["embedded"], counts["skipped"], counts["failed"], counts["warnings"])
     return counts, [str(out.relative_to(ctx.run_dir))]
 
 
@@ -268,6 +272,27 @@ _RUNNERS: dict[str, Callable[[StageContext], tuple[dict[str, Any], list[str]]]] 
 }
 
 
+#: The config sections whose values a stage's outputs depend on (``run`` and ``cluster`` follow every invocation).
+_SECTIONS: dict[str, tuple[str, ...]] = {"catalog": ("data", "catalog"), "embed": ("embed",),
+                                         "features": ("features",), "train": ("train",), "ensemble": ("ensemble",)}
+
+
+def _record_config(ctx: StageContext, stage: str) -> None:
+    """Update ``config.yaml`` for a stage about to run: its own sections take this invocation's values, the
+    sections of stages that do not run keep those that made their outputs (``jungletrap ensemble --set
+    embed.sample_fps=2`` must not record a sampling the embeddings were never made with)."""
+    path = ctx.run_dir / "config.yaml"
+    current = ctx.cfg.public_dump()
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        merged = JobConfig.model_validate({**saved, "run": current["run"], "cluster": current["cluster"],
+                                           **{s: current[s] for s in _SECTIONS[stage]}}) if saved else ctx.cfg
+    except (OSError, yaml.YAMLError, TypeError, ValidationError) as err:  # unreadable, or an older version's
+        log.warning("%s: not kept (%s); it now records this invocation's config", path, type(err).__name__)
+        merged = ctx.cfg
+    save_config(merged, path)
+
+
 def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Run ``stages`` (default: all, in order); return each stage's counts. Ctrl-C is recorded, then re-raised.
 
@@ -279,7 +304,6 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
         ctx = replace(ctx, inputs=read_inputs(ctx.cfg.data))
     if not is_remote(ctx.run_dir):  # an object store has no directories to make
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(ctx.cfg, ctx.run_dir / "config.yaml")
     manifest = Manifest(ctx.run_dir)
     hashes = stage_hashes(ctx.cfg, clips=ctx.inputs.clips_hash())
     results: dict[str, Any] = {}
@@ -294,10 +318,12 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
             manifest.record_event(f"run cancelled before {stage}")
             raise
         log.info("%s: starting", stage)
+        _record_config(ctx, stage)
         manifest.start(stage, hashes[stage])
         try:
             with _perf_report(ctx, stage), explain_lost_workers(ctx.client, stage):
                 counts, outputs = _RUNNERS[stage](ctx)
+            lineage = stage_lineage(stage, ctx.run_dir, manifest, outputs)
         except KeyboardInterrupt:
             manifest.finish(stage, status="interrupted", error="interrupted by the user")
             manifest.record_event(f"{stage} interrupted")
@@ -306,10 +332,11 @@ def run_pipeline(ctx: StageContext, *, stages: list[str] | None = None, force: b
             manifest.finish(stage, status="cancelled", error=f"{type(err).__name__}: {err}")
             manifest.record_event(f"{stage} cancelled")
             raise
-        except Exception as err:
-            manifest.finish(stage, status="failed", error=f"{type(err).__name__}: {err}")
+        except Exception as err:  # a stage that stops on its own rule (too many failures) leaves its counts
+            manifest.finish(stage, status="failed", error=f"{type(err).__name__}: {err}",
+                            counts=getattr(err, "counts", None))
             raise
-        manifest.finish(stage, status="done", counts=counts, outputs=outputs)
+        manifest.finish(stage, status="done", counts=counts, outputs=outputs, lineage=lineage)
         results[stage] = counts
         log.info("%s: done %s", stage, counts)
     return results

@@ -1,5 +1,10 @@
 """Predict: score new videos with a finished run's models, with the run's own embed and feature settings.
 
+Those settings come from the run's artifacts, never from its ``config.yaml`` (which records the last
+invocation's values): the sampling and backbone from the embedding parts' metadata, the pooling and PCA from the
+feature parts' metadata and ``models/features.json``. The run directory is checked first
+(:func:`jungletrap.lineage.verify_run`): one whose files are not those its manifest recorded is refused.
+
 Intermediate artifacts go under ``<run>/predict/<inputs-hash>/`` (so a repeated call reuses its embeddings);
 the result has one row per input file: ``filename``, the 24 probabilities, ``top_label``, ``status`` and
 ``error``. A broken file keeps its row, with the reason and empty probabilities.
@@ -11,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +26,12 @@ from distributed import Client
 
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.cluster import cluster_has_gpu
-from jungletrap.config import JobConfig, config_hash, load_config
-from jungletrap.embed import embed_catalog
+from jungletrap.config import EmbedConfig, FeaturesConfig, JobConfig, config_hash, load_config
+from jungletrap.embed import RESULT_KEYS, embed_catalog, embed_settings, read_embedding_meta, result_hash
 from jungletrap.ensemble import ENSEMBLE_MODEL, blend_frames
-from jungletrap.features import FEATURE_TRANSFORM, build_features
+from jungletrap.features import FEATURE_TRANSFORM, FEATURES_DIR, build_features, read_features_meta
+from jungletrap.lineage import RunMismatch, embed_parts_dir, verify_run
+from jungletrap.manifest import Manifest
 from jungletrap.schema import (
     CLASS_NAMES,
     ERROR,
@@ -43,9 +51,11 @@ from jungletrap.storage import (
     write_text_atomic,
 )
 from jungletrap.train_head import predict_head_models
+from jungletrap.udfs.features import FEATURE_SET_VERSION
+from jungletrap.weights import ResolvedWeights
 from jungletrap.xgb import predict_xgb_models
 
-__all__ = ["predict_videos", "list_videos"]
+__all__ = ["predict_videos", "list_videos", "trained_settings", "RunMismatch"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,54 @@ def list_videos(videos: str | os.PathLike[str], extensions: list[str],
     keep = listing["relpath"].map(lambda rel: os.path.splitext(rel)[1].lower() in exts)
     root = where if local else fs.unstrip_protocol(where.rstrip("/"))
     return root, listing[keep].reset_index(drop=True)
+
+
+def _first_part(directory: RunPath) -> RunPath:
+    parts = sorted(directory.glob("part-*.parquet"))
+    if not parts:
+        raise RunMismatch(f"{directory}: no parts: not a finished run")
+    return parts[0]
+
+
+def trained_settings(run_dir: RunPath, cfg: JobConfig) -> tuple[EmbedConfig, FeaturesConfig]:
+    """The embed and feature settings the run's models were trained with, read from its artifacts.
+
+    ``cfg`` (the run's ``config.yaml``) gives only what does not change a number (batch size, decoders,
+    device). Raises :class:`RunMismatch` when the run directory is inconsistent or made by another version.
+    """
+    manifest = verify_run(run_dir)
+    part = _first_part(embed_parts_dir(run_dir, manifest))
+    meta = read_embedding_meta(part)
+    recorded = meta.get("settings", {})
+    embed = EmbedConfig.model_validate({**cfg.embed.model_dump(), **{k: recorded[k] for k in (*RESULT_KEYS, "weights")
+                                                                     if k in recorded}})
+    pinned = ResolvedWeights(**meta["weights"]) if meta.get("weights") else None
+    if result_hash(replace(embed_settings(embed), pinned_weights=pinned)) != meta.get("result_hash"):
+        raise RunMismatch(f"{part}: its recorded settings {recorded} do not give its result hash "
+                          f"{meta.get('result_hash')}: written by another version, or edited")
+    features = read_features_meta(_first_part(run_dir / FEATURES_DIR))
+    if features.get("feature_set_version") != FEATURE_SET_VERSION:
+        raise RunMismatch(f"{run_dir / FEATURES_DIR}: feature set version {features.get('feature_set_version')}, "
+                          f"this version computes {FEATURE_SET_VERSION}: predict with the version that trained it")
+    if features.get("embed_result_hash", meta.get("result_hash")) != meta.get("result_hash"):
+        raise RunMismatch(f"{run_dir / FEATURES_DIR}: made from other embeddings than those in {part.parent}")
+    pooled = FeaturesConfig.model_validate({**cfg.features.model_dump(), "pooling": features["pooling"],
+                                            "pca_components": features["pca_components"]})
+    return embed, pooled
+
+
+def _check_same_embedder(run_dir: RunPath, predict_dir: RunPath) -> None:
+    """The new clips were embedded as the training clips were: same settings and the same weights' bytes.
+
+    The weights are resolved again on the workers that embed the new clips; a file replaced since training (same
+    path, other content) gives another result hash, and the models would score embeddings they never saw.
+    """
+    trained = read_embedding_meta(_first_part(embed_parts_dir(run_dir, Manifest(run_dir))))
+    now = read_embedding_meta(_first_part(predict_dir))
+    if now.get("result_hash") != trained.get("result_hash"):
+        raise RunMismatch(f"{predict_dir}: the new clips were embedded with other weights or settings than the "
+                          f"run's models were trained on (weights now {now.get('weights')}, trained with "
+                          f"{trained.get('weights')})")
 
 
 def _xgb_proba(client: Client, run_dir: RunPath, features_dir: RunPath, index: pd.Index) -> pd.DataFrame:
@@ -99,19 +157,22 @@ def predict_videos(
     options = dict(storage_options or {})
     run_dir = run_path(run_dir, options)
     cfg: JobConfig = load_config(run_dir / "config.yaml")
+    embed_cfg, features_cfg = trained_settings(run_dir, cfg)
     root, listing = list_videos(videos, cfg.catalog.extensions, options)  # workers get absolute paths or URLs
     if listing.empty:
         raise FileNotFoundError(f"{videos}: no video files found (extensions {cfg.catalog.extensions})")
     catalog = catalog_from_paths(listing["path"].tolist(), root, videos_per_partition=cfg.catalog.videos_per_partition,
-                                 sizes=listing["size_bytes"].tolist(), partition_bytes=cfg.catalog.partition_bytes)
+                                 sizes=listing["size_bytes"].tolist(), partition_bytes=cfg.catalog.partition_bytes,
+                                 versions=listing["version"].astype(str).tolist())
     stamp = config_hash({"paths": listing["path"].tolist(), "sizes": listing["size_bytes"].tolist(),
                          "versions": listing["version"].tolist()})
     work = run_dir / "predict" / stamp
     write_catalog(catalog, work / "catalog.parquet")
     embed_dir = work / "embeddings"
-    embed_catalog(client, work / "catalog.parquet", embed_dir, cfg.embed, gpu=cluster_has_gpu(client),
+    embed_catalog(client, work / "catalog.parquet", embed_dir, embed_cfg, gpu=cluster_has_gpu(client),
                   storage_options=options)
-    build_features(client, embed_dir, work / "features", cfg.features, transform_path=run_dir / FEATURE_TRANSFORM)
+    _check_same_embedder(run_dir, embed_dir)
+    build_features(client, embed_dir, work / "features", features_cfg, transform_path=run_dir / FEATURE_TRANSFORM)
     index = pd.Index(catalog[VIDEO_ID])
     per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
                  "head": lambda: _head_proba(run_dir, embed_dir, work / "features", index)}

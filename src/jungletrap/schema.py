@@ -17,6 +17,7 @@ __all__ = [
     "PARTITION",
     "STATUS",
     "ERROR",
+    "WARNING",
     "N_FRAMES",
     "EMBEDDING",
     "STATUS_OK",
@@ -66,6 +67,7 @@ FOLD = "fold"  # -1 for test rows
 PARTITION = "partition"  # which embed partition a catalog row belongs to
 STATUS = "status"
 ERROR = "error"
+WARNING = "warning"  # an ``ok`` clip that lost real frames (truncated or partly corrupt file): why
 N_FRAMES = "n_frames"  # real (not padded) sampled frames
 EMBEDDING = "embedding"  # flattened n_frames x D
 TOP_LABEL = "top_label"

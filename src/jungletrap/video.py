@@ -45,11 +45,13 @@ class VideoDecodeError(Exception):
 
 @dataclass(frozen=True)
 class ClipInfo:
-    """Container facts of one clip; fields are ``schema.CONTAINER_COLUMNS`` plus ``schema.SIZE_BYTES``, in order.
+    """Container facts of one clip; fields are ``schema.CONTAINER_COLUMNS``, ``SIZE_BYTES`` and ``WARNING``, in order.
 
     ``fps``, ``duration_s`` and ``bit_rate`` are NaN when unknown; ``declared_frames`` is -1 when the container
     declares no count (it may also be wrong); ``decoded_frames`` counts the frames the decoder produced before
     ``read_clip`` stopped (including the one look-ahead frame that closes the window), -1 from ``clip_info``.
+    ``warning`` (``read_clip`` only) says why real frames inside the sampled window are missing (a truncated
+    or partly corrupt file), None when nothing was lost.
     """
 
     codec: str
@@ -62,6 +64,7 @@ class ClipInfo:
     bit_rate: float
     has_audio: bool
     size_bytes: int
+    warning: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict keyed by the schema's column names (for a DataFrame row)."""
@@ -120,11 +123,13 @@ def read_clip(
 
     Returns:
         ``(frames, info)``: uint8 ``T x size x size x 3`` RGB in time order, T >= 1. ``T`` can be below the number
-        of targets (short, low-frame-rate or truncated clips) and is the true count.
+        of targets (short, low-frame-rate or truncated clips) and is the true count. ``info.warning`` is set when
+        real frames were lost: the stream ends before the length its container declares (a truncated file), or
+        packets could not be decoded.
 
     Raises:
         VideoDecodeError: missing, empty, non-video or undecodable input, or the timeout. A clip that decodes some
-            frames before breaking returns those instead.
+            frames before breaking returns those instead (with ``info.warning`` saying so).
     """
     sample_times(0.0, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)  # validate up front
     budget = _Budget(_source_name(path), timeout_s)
@@ -136,13 +141,14 @@ def read_clip(
             duration = _demuxed_span(container, max_seconds=max_seconds, fps=info.fps, budget=budget)
         targets = sample_times(duration, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)
         if not reopen:
-            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
+            picked, decoded, lost = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
     if reopen:
         with _opened(path) as (container, _):
-            picked, decoded = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
+            picked, decoded, lost = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
     if not picked:
         raise VideoDecodeError(f"{budget.name}: no frame could be decoded (truncated or corrupt)")
-    return np.stack(picked), ClipInfo(**{**info.as_dict(), "decoded_frames": decoded})
+    warning = lost.warning(info, decoded=decoded, max_seconds=max_seconds)
+    return np.stack(picked), ClipInfo(**{**info.as_dict(), "decoded_frames": decoded, "warning": warning})
 
 
 def clip_info(path: Source) -> ClipInfo:
@@ -163,18 +169,60 @@ class _Budget:
             raise VideoDecodeError(f"{self.name}: decode timed out after {self.timeout_s:g}s")
 
 
+@dataclass(frozen=True)
+class _Losses:
+    """What a decode saw of lost frames: where the stream ended (None: it was not read to its end), why reading
+    stopped early (a demuxer error), and how many packets could not be decoded."""
+
+    stream_end_s: float | None
+    stopped_by: str | None
+    bad_packets: int
+
+    def warning(self, info: ClipInfo, *, decoded: int, max_seconds: float) -> str | None:
+        """Why real frames inside ``[0, max_seconds)`` are missing, or None.
+
+        The stream is truncated when it ends more than half a frame before the length the container declares
+        (its duration, or its frame count over its rate, whichever is longer: a cut AVI re-estimates its duration
+        from the bytes left but keeps the frame count of its header). A container that declares no length can
+        only say that reading stopped on an error.
+        """
+        notes = []
+        if self.stream_end_s is not None:
+            declared = _declared_length_s(info)
+            slack = 0.5 / (info.fps if info.fps > 0 else _FALLBACK_FPS)
+            if min(declared, max_seconds) > self.stream_end_s + slack:
+                counted = f", {decoded} of {info.declared_frames} declared frames" if info.declared_frames > 0 else ""
+                cause = f" ({self.stopped_by})" if self.stopped_by else ""
+                notes.append(f"truncated: the video stream ends at {self.stream_end_s:.2f} s of {declared:.2f} s "
+                             f"declared{counted}{cause}")
+            elif self.stopped_by and not declared > 0:
+                notes.append(f"truncated: reading stopped at {self.stream_end_s:.2f} s ({self.stopped_by}); "
+                             "the container declares no length")
+        if self.bad_packets:
+            notes.append(f"{self.bad_packets} packet(s) could not be decoded")
+        return "; ".join(notes) or None
+
+
+def _declared_length_s(info: ClipInfo) -> float:
+    """The clip's length as its container declares it, 0 when it declares none."""
+    by_count = info.declared_frames / info.fps if info.declared_frames > 0 and info.fps > 0 else 0.0
+    return max(info.duration_s if info.duration_s > 0 else 0.0, by_count)
+
+
 def _pick(
     container: av.container.InputContainer, targets: np.ndarray, *, fps: float, size: int, budget: _Budget,
     threads: int = 0,
-) -> tuple[list[np.ndarray], int]:
-    """The letterboxed frames on screen at ``targets`` and how many frames were decoded to find them."""
+) -> tuple[list[np.ndarray], int, _Losses]:
+    """The letterboxed frames on screen at ``targets``, how many frames were decoded to find them, and what
+    was lost on the way."""
     stream = _video_stream(container, budget.name)
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
     picker = _Picker(targets, size)
     reader = _FrameReader(container, stream, targets, fps=fps, budget=budget)
     decoded = picker.run(reader.frames())
-    return picker.picked, reader.frames_read(decoded, last_target=float(targets[-1]))
+    losses = _Losses(picker.stream_end_s, reader.stopped_by, reader.bad_packets)
+    return picker.picked, reader.frames_read(decoded, last_target=float(targets[-1])), losses
 
 
 class _Picker:
@@ -183,6 +231,7 @@ class _Picker:
     def __init__(self, targets: np.ndarray, size: int) -> None:
         self.targets, self.size, self.i = targets, size, 0
         self.picked: list[np.ndarray] = []
+        self.stream_end_s: float | None = None  # set when the stream ended before every target was served
         self._last: av.VideoFrame | None = None
         # One swscale context for the clip: frame.reformat() builds one per frame, ~20x slower on small clips.
         self._reformatter = VideoReformatter()
@@ -203,6 +252,7 @@ class _Picker:
             step = own or (t - prev_t if prev is not None else 0.0)  # how long it stays on screen
             prev, prev_t, end = frame, t, t + step
         # The stream ended: its last frame is on screen until its own end, not forever (but keep one frame).
+        self.stream_end_s = end if prev is not None else None
         while prev is not None and self.i < len(self.targets):
             if self.picked and self.targets[self.i] >= end - _TIME_TOLERANCE_S:
                 break
@@ -244,6 +294,8 @@ class _FrameReader:
         self.start = float(stream.start_time * tb) if stream.start_time is not None and tb else None
         self._skipped: dict[int, float] = {}  # pts -> seconds of packets sent with a skip request, not yet seen
         self._times: list[float] = []  # seconds of the frames decoded
+        self.stopped_by: str | None = None  # the demuxer error that ended the stream early, if any
+        self.bad_packets = 0  # packets the decoder rejected (their frames are lost)
 
     def frames(self) -> Iterator[tuple[av.VideoFrame, float]]:
         ctx = self.stream.codec_context
@@ -259,6 +311,7 @@ class _FrameReader:
                 try:
                     decoded = packet.decode()
                 except av.error.FFmpegError:
+                    self.bad_packets += 1
                     continue
                 for frame in decoded:
                     seen_frame = True
@@ -270,7 +323,8 @@ class _FrameReader:
                         self._skipped.pop(frame.pts, None)  # a skip request on a reference frame is not honoured
                     self._times.append(t)
                     yield frame, t
-        except (av.error.FFmpegError, OSError):
+        except (av.error.FFmpegError, OSError) as err:
+            self.stopped_by = getattr(err, "strerror", None) or str(err)
             return  # truncated container: keep what decoded (the caller fails if that is nothing)
 
     def frames_read(self, decoded: int, *, last_target: float) -> int:
