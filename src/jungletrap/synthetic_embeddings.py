@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from distributed import Client, as_completed
 from jungletrap.backbones import BACKBONES
 from jungletrap.catalog import CATALOG_NAME, assign_folds, assign_partitions, write_catalog
 from jungletrap.config import JobConfig, load_config, save_config
-from jungletrap.embed import _file_metadata, _rows_hash, embed_settings, part_path
+from jungletrap.embed import _clips, _file_metadata, _rows_hash, embed_settings, part_path
 from jungletrap.manifest import Manifest
 from jungletrap.schema import (
     CLASS_NAMES,
@@ -65,6 +65,7 @@ from jungletrap.schema import (
 )
 from jungletrap.storage import path_token, read_parquet, write_parquet_atomic
 from jungletrap.udfs.embed import EMBED_SCHEMA, EmbedSettings
+from jungletrap.weights import resolve_weights
 
 __all__ = ["CLASS_SHARES", "RehearsalSpec", "backbone_for_dim", "rehearsal_config", "write_rehearsal",
            "generate_part"]
@@ -130,7 +131,8 @@ def rehearsal_config(out: Path, spec: RehearsalSpec) -> JobConfig:
                  "submission_format": str(out / "submission_format.csv"),
                  "test_labels": str(out / "test_labels.csv")},
         "catalog": {"videos_per_partition": spec.videos_per_partition, "partition_bytes": 0},  # parts of N clips
-        "embed": {"backbone": backbone_for_dim(spec.dim), "sample_fps": SAMPLE_FPS,
+        # weights "random": the frames are made up, not the output of the published network, and the parts say so
+        "embed": {"backbone": backbone_for_dim(spec.dim), "weights": "random", "sample_fps": SAMPLE_FPS,
                   "max_seconds": spec.frames / SAMPLE_FPS},
     }
     return JobConfig.model_validate(raw)
@@ -296,7 +298,7 @@ def generate_part(catalog_path: Path, partition: int, out_path: Path, settings: 
                     settings.max_seconds, directions) for _, clip in rows.iterrows()]
     frame = pd.DataFrame.from_records(records, columns=EMBED_SCHEMA.names)
     table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame)))
+    table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame), _clips(rows)))
     write_parquet_atomic(table, out_path)
     return {"videos": len(frame), "failed": int((frame[STATUS] == STATUS_ERROR).sum())}
 
@@ -311,6 +313,7 @@ def _check_empty(out: Path) -> None:
 
 def write_rehearsal(client: Client, out: Path, spec: RehearsalSpec) -> dict[str, Any]:
     """Write the label files, catalog, embedding parts, manifest and config.yaml of a finished embed stage."""
+    from jungletrap.lineage import stage_lineage
     from jungletrap.pipeline import stage_hashes  # the pipeline imports every stage: only when writing
 
     out = Path(out).resolve()
@@ -328,8 +331,11 @@ def write_rehearsal(client: Client, out: Path, spec: RehearsalSpec) -> dict[str,
         **catalog[SPLIT].value_counts().to_dict(), "missing_files": 0, "partitions": int(catalog[PARTITION].nunique())})
     embed_dir = out / "embeddings" / cfg.embed.backbone
     manifest.start("embed", hashes["embed"])
-    counts = _generate_parts(client, out / CATALOG_NAME, embed_dir, catalog, plan, embed_settings(cfg.embed), spec)
-    manifest.finish("embed", status="done", counts=counts, outputs=[str(embed_dir.relative_to(out))])
+    settings = replace(embed_settings(cfg.embed), pinned_weights=resolve_weights(cfg.embed.backbone, "random"))
+    counts = _generate_parts(client, out / CATALOG_NAME, embed_dir, catalog, plan, settings, spec)
+    outputs = [str(embed_dir.relative_to(out))]
+    manifest.finish("embed", status="done", counts={**counts, "warnings": 0}, outputs=outputs,
+                    lineage=stage_lineage("embed", out, manifest, outputs))
     manifest.record_event(f"catalog and embed written by demo-embeddings (rehearsal data, no video decoded; "
                           f"n={spec.n}, dim={spec.dim}, frames={spec.frames}, seed={spec.seed}, "
                           f"generator {GENERATOR_VERSION})")
@@ -347,10 +353,11 @@ def _generate_parts(client: Client, catalog_path: Path, embed_dir: Path, catalog
         futures.append(client.submit(generate_part, catalog_path, int(p), part_path(embed_dir, int(p)), settings,
                                      part_plan, spec.seed, spec.frames, spec.dim,
                                      key=f"demo-embeddings-{int(p):05d}-{token}", pure=False))
-    counts = {"partitions": len(futures), "embedded": 0, "skipped": 0, "failed": 0}
+    counts = {"partitions": len(futures), "videos": 0, "embedded": 0, "skipped": 0, "failed": 0}
     for fut in as_completed(futures):
         part = fut.result()
         fut.release()
+        counts["videos"] += part["videos"]
         counts["embedded"] += part["videos"] - part["failed"]
         counts["failed"] += part["failed"]
     return counts
