@@ -141,7 +141,7 @@ def execute(
     except InputError as err:
         typer.echo(f"error: {err}", err=True)
         return 2
-    from jungletrap.cluster import ClusterError, open_client
+    from jungletrap.cluster import ClusterError, StageMemoryError, open_client
     from jungletrap.embed import TooManyFailures
     from jungletrap.pipeline import StageContext, run_pipeline
 
@@ -154,7 +154,7 @@ def execute(
     except (ClusterError, InputError, ConfigError) as err:  # ConfigError: e.g. embed.weights missing on workers
         typer.echo(f"error: {err}", err=True)
         return 2
-    except TooManyFailures as err:
+    except (TooManyFailures, StageMemoryError) as err:  # the stage failed for a reason the message says in full
         typer.echo(f"error: {err}", err=True)
         return 1
     except KeyboardInterrupt:
