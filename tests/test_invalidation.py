@@ -170,7 +170,7 @@ def test_an_interrupted_repartition_finds_its_moved_parts_again(dask_client: Cli
     def interrupted(*args: object, **kwargs: object) -> None:
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(embed_module, "as_completed", interrupted)  # the stage stops once the copies are sent
+    monkeypatch.setattr(embed_module, "results_as_completed", interrupted)  # the stage stops once the copies are sent
     with pytest.raises(RuntimeError, match="interrupted"):
         _embed(dask_client, real_videos_copy, out, tmp_path, per_partition=2)
     assert list((out / REUSE_DIR).glob("*.parquet"))  # the moved part is kept for the next run
