@@ -2,8 +2,9 @@
 
 The label is the 24-column 0/1 matrix (XGBoost's multi-label mode, ``binary:logistic`` per output), so one
 booster per fold serves every class. Early stopping watches an inner split of the fold's training rows (never
-the held-out fold, whose score it would flatter); out-of-fold predictions cover every training clip exactly once
-and test predictions average the fold models. No class
+the held-out fold, whose score it would flatter); with ``train.refit`` a second booster then fits on all the
+fold's training rows for the chosen rounds and is the fold's model. Out-of-fold predictions cover every training
+clip exactly once and test predictions average the fold models. No class
 reweighting: the metric is log loss, where calibrated probabilities matter more than recall.
 Training runs one model at a time (two concurrent ``xgboost.dask`` trainings can deadlock its collective).
 
