@@ -190,7 +190,7 @@ _PEAK_RSS = textwrap.dedent("""
     run = Path(sys.argv[1])
     cfg = HeadConfig(hidden=16, max_frames=45, epochs=2, patience=1, batch_size=64, shuffle_buffer=64)
     train_head_fold(run / "catalog.parquet", run / "embeddings" / "synthetic", run / "features", run / "models", 0,
-                    cfg, 0)
+                    cfg, 0, refit=True)  # the stopping run and the refit on every training row both stream
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 """)
 
