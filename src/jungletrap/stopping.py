@@ -62,7 +62,8 @@ def stopping_mask(video_ids: np.ndarray, labels: np.ndarray, fit: np.ndarray, *,
 
 def refit_count(chosen: int, *, fraction: float, scale: bool) -> int:
     """Rounds/epochs of the refit on all training rows: the stopping run's ``chosen`` count, or (``scale``) that
-    count times 1 / (1 - ``fraction``): the refit set is that much larger, so an epoch or a round sees more rows."""
+    count times 1 / (1 - ``fraction``), the usual heuristic that a set that much larger supports that many more
+    steps before it overfits (for the head, an epoch over the larger set already takes that many more steps)."""
     if chosen < 1:
         raise ValueError(f"the stopping run chose {chosen} rounds/epochs; a refit needs at least 1")
     return max(1, round(chosen / (1 - fraction))) if scale else chosen
