@@ -124,6 +124,22 @@ def test_early_stopping_respects_patience(split: tuple[HeadData, HeadData]) -> N
     assert [row["epoch"] for row in fit.curve] == list(range(1, len(fit.curve) + 1))
 
 
+def test_fixed_epoch_fit_runs_exactly_that_many_epochs_and_keeps_the_last(split: tuple[HeadData, HeadData]) -> None:
+    """The refit's mode: no rows to stop on, ``epochs`` epochs (not ``cfg.epochs``), the last epoch's weights."""
+    train, valid = split
+    cfg = _cfg(epochs=40, patience=1, lr=5e-2)
+    fit = fit_head(train, None, cfg=cfg, seed=0, epochs=3)
+    assert [row["epoch"] for row in fit.curve] == [1, 2, 3] and fit.best_epoch == 3
+    two = fit_head(train, None, cfg=cfg, seed=0, epochs=2)  # the same trajectory, one epoch shorter
+    assert two.curve == fit.curve[:2]
+    assert not np.array_equal(predict_head(build_head(fit.init_kwargs, fit.state_dict), valid),
+                              predict_head(build_head(two.init_kwargs, two.state_dict), valid))
+    with pytest.raises(ValueError, match="either valid rows"):
+        fit_head(train, valid, cfg=cfg, seed=0, epochs=3)
+    with pytest.raises(ValueError, match="either valid rows"):
+        fit_head(train, None, cfg=cfg, seed=0)
+
+
 def test_fit_is_deterministic_and_leaves_global_state(split: tuple[HeadData, HeadData]) -> None:
     train, valid = split
     cfg = _cfg("gru", epochs=3)

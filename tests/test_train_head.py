@@ -123,10 +123,13 @@ def test_stopping_split_is_by_clip_within_the_fit_rows_and_stratified() -> None:
     assert stopping_mask(ids, labels, tiny, fraction=0.125, seed=0).sum() == 1
 
 
-def test_held_out_labels_never_reach_the_fold_model(head_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("refit", [False, True])
+def test_held_out_labels_never_reach_the_fold_model(head_run: tuple[Path, Path, Path], tmp_path: Path,
+                                                     refit: bool) -> None:
     """The fold stops early on its inner split: flipping every held-out label changes none of its predictions.
 
     Before, the head stopped on the held-out fold itself, so its labels picked the epoch whose model scored it.
+    The refit (on every training-fold row) must not take the held-out rows in either.
     """
     catalog_path, embed_dir, features_dir = head_run
     catalog = pd.read_parquet(catalog_path)
@@ -135,7 +138,8 @@ def test_held_out_labels_never_reach_the_fold_model(head_run: tuple[Path, Path, 
     flipped.loc[held, list(CLASS_NAMES)] = 1 - flipped.loc[held, list(CLASS_NAMES)]
     flipped.to_parquet(tmp_path / "flipped.parquet")
     cfg = _cfg(epochs=8, patience=2, lr=0.01)
-    results = [train_head_fold(path, embed_dir, features_dir, tmp_path / name, 0, cfg, 0, stopping_fraction=0.2)
+    results = [train_head_fold(path, embed_dir, features_dir, tmp_path / name, 0, cfg, 0, stopping_fraction=0.2,
+                               refit=refit)
                for path, name in ((catalog_path, "models"), (tmp_path / "flipped.parquet", "flipped"))]
     first, again = results
     assert len(first["oof"]) == N_TRAIN // N_FOLDS and len(first["test"]) == N_TEST
@@ -149,6 +153,35 @@ def test_held_out_labels_never_reach_the_fold_model(head_run: tuple[Path, Path, 
     assert spec["max_frames"] == T and build_head(spec["init_kwargs"]).init_kwargs["embed_dim"] == D
 
 
+@pytest.mark.parametrize("scale", [False, True])
+def test_refit_trains_on_every_training_fold_row_for_the_chosen_epochs(head_run: tuple[Path, Path, Path],
+                                                                       tmp_path: Path, scale: bool) -> None:
+    """The saved fold model is a head fitted on fit + stopping rows (scaler too) for the stopping run's epoch count
+    (scaled by 1 / (1 - fraction) with ``scale``): rebuilt here from those rows, it predicts the same."""
+    catalog_path, embed_dir, features_dir = head_run
+    cfg = _cfg(epochs=6, patience=2, lr=0.01)
+    result = train_head_fold(catalog_path, embed_dir, features_dir, tmp_path / "models", 1, cfg, 0,
+                             stopping_fraction=0.2, refit=True, refit_scale=scale)
+    assert result["refit"] and result["n_model"] == result["n_fit"] + result["n_stopping"] == N_TRAIN - N_TRAIN // 3
+    assert result["epochs"] == (round(result["best_epoch"] / 0.8) if scale else result["best_epoch"])
+    catalog = pd.read_parquet(catalog_path)
+    train = catalog[(catalog[SPLIT] == "train") & (catalog[FOLD] != 1)]
+    index = PartIndex.open(embed_dir, features_dir)
+    scaler = fit_meta_scaler(index, train[VIDEO_ID])
+    labels = train[list(CLASS_NAMES)].to_numpy(np.float32)
+
+    def stream(ids: list[str], y: np.ndarray | None) -> ClipStream:
+        return ClipStream(index, ids, labels=y, scaler=scaler, max_frames=T, shuffle_buffer=cfg.shuffle_buffer)
+
+    fit = fit_head(stream(train[VIDEO_ID].tolist(), labels), None, cfg=cfg, seed=1, class_prior=labels.mean(axis=0),
+                   epochs=result["epochs"])
+    test = stream(result["test"][VIDEO_ID].tolist(), None)
+    np.testing.assert_allclose(predict_head(build_head(fit.init_kwargs, fit.state_dict), test),
+                               result["test"][list(CLASS_NAMES)].to_numpy(), rtol=1e-6)
+    spec = json.loads((tmp_path / "models" / "fold1.json").read_text(encoding="utf-8"))
+    assert spec["scaler"]["mean"] == scaler.mean
+
+
 _PEAK_RSS = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
@@ -157,7 +190,7 @@ _PEAK_RSS = textwrap.dedent("""
     run = Path(sys.argv[1])
     cfg = HeadConfig(hidden=16, max_frames=45, epochs=2, patience=1, batch_size=64, shuffle_buffer=64)
     train_head_fold(run / "catalog.parquet", run / "embeddings" / "synthetic", run / "features", run / "models", 0,
-                    cfg, 0)
+                    cfg, 0, refit=True)  # the stopping run and the refit on every training row both stream
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 """)
 

@@ -24,8 +24,10 @@ from jungletrap.xgb import (
     fold_workers,
     load_feature_matrix,
     predict_xgb_models,
+    prior_margin,
     take_rows,
     train_xgb_folds,
+    xgb_params,
 )
 
 
@@ -128,12 +130,18 @@ def test_every_training_worker_holds_fit_and_stopping_rows(dask_client: Client, 
     dtrain, dstop, workers = _fold_data(dask_client, matrix, Y, train & ~one_stop_row, one_stop_row,
                                         np.zeros(24, np.float32), XGBConfig(min_rows_per_worker=1))
     assert len(workers) == 1 and set(dtrain.worker_map) == set(dstop.worker_map) == set(workers)
+    # the refit's single matrix (all training-fold rows) is spread over every worker its rows call for
+    dtrain, dstop, workers = _fold_data(dask_client, matrix, Y, train, None, np.zeros(24, np.float32),
+                                        XGBConfig(min_rows_per_worker=1))
+    assert dstop is None and len(workers) == 2 and set(dtrain.worker_map) == set(workers)
 
 
-def test_held_out_labels_never_reach_the_fold_booster(dask_client: Client, tmp_path: Path) -> None:
+@pytest.mark.parametrize("refit", [False, True])
+def test_held_out_labels_never_reach_the_fold_booster(dask_client: Client, tmp_path: Path, refit: bool) -> None:
     """Early stopping on the inner split: flipping the held-out fold's labels leaves its predictions unchanged.
 
-    Before, the booster stopped on the held-out fold, so its labels chose the round that then scored it.
+    Before, the booster stopped on the held-out fold, so its labels chose the round that then scored it. The refit
+    (on every training-fold row) must not take the held-out rows in either.
     """
     features, ids, y, split, folds = _folds(tmp_path)
     matrix = load_feature_matrix(dask_client, features)
@@ -141,7 +149,34 @@ def test_held_out_labels_never_reach_the_fold_booster(dask_client: Client, tmp_p
     flipped = y.copy()
     flipped[folds == 0] = 1 - flipped[folds == 0]
     oof = [train_xgb_folds(dask_client, matrix, labels, split, folds, cfg, seed=0, gpu=False,
-                           models_dir=tmp_path / name, stopping_fraction=0.2)["oof"].set_index(VIDEO_ID)
+                           models_dir=tmp_path / name, stopping_fraction=0.2, refit=refit)["oof"].set_index(VIDEO_ID)
            for name, labels in (("models", y), ("flipped", flipped))]
     fold0 = ids[folds == 0]
     np.testing.assert_array_equal(oof[0].loc[fold0].to_numpy(), oof[1].loc[fold0].to_numpy())
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_refit_trains_on_every_training_fold_row_for_the_chosen_rounds(dask_client: Client, tmp_path: Path,
+                                                                       scale: bool) -> None:
+    """Each fold's saved booster is a fit on fit + stopping rows for the stopping run's round count (scaled by
+    1 / (1 - fraction) with ``scale``): a plain ``xgboost.train`` on those rows predicts the held-out fold the same."""
+    features, ids, y, split, folds = _folds(tmp_path)
+    matrix = load_feature_matrix(dask_client, features)
+    cfg = XGBConfig(n_estimators=80, learning_rate=0.3, max_depth=2, early_stopping_rounds=5, max_bin=256)
+    result = train_xgb_folds(dask_client, matrix, y, split, folds, cfg, seed=0, gpu=False, models_dir=tmp_path / "m",
+                             stopping_fraction=0.2, refit=True, refit_scale=scale)
+    fold = result["folds"][0]
+    train, held = fold_masks(split, folds, 0)
+    assert fold["refit"] and fold["n_model"] == fold["n_fit"] + fold["n_stopping"] == train.sum()
+    assert fold["rounds"] == (round(fold["best_iteration"] / 0.8) if scale else fold["best_iteration"])
+    booster = xgb.Booster(model_file=str(tmp_path / "m" / "fold0.ubj"))
+    assert booster.num_boosted_rounds() == fold["rounds"]
+    x = np.concatenate([pd.read_parquet(p).filter(like="f").to_numpy(np.float32)
+                        for p in sorted(features.glob("part-*.parquet"))])
+    margin = prior_margin(y[train])
+    local = xgb.train({**xgb_params(cfg, seed=0, gpu=False), "nthread": 1},
+                      xgb.DMatrix(x[train], y[train], base_margin=np.tile(margin, (train.sum(), 1))),
+                      num_boost_round=fold["rounds"])
+    expected = local.predict(xgb.DMatrix(x[held], base_margin=np.tile(margin, (held.sum(), 1))))
+    oof = result["oof"].set_index(VIDEO_ID).loc[ids[held], list(CLASS_NAMES)].to_numpy()
+    np.testing.assert_allclose(oof, expected, rtol=1e-5, atol=1e-7)

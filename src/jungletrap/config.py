@@ -230,6 +230,8 @@ class TrainConfig(_Section):
 
     models: list[Literal["xgb", "head"]] = Field(default_factory=lambda: ["xgb", "head"], min_length=1)
     early_stopping_fraction: float = Field(0.125, gt=0, le=0.5)  # fit rows of each fold set aside to stop on
+    refit: bool = True  # refit each fold's models on all its training rows for the rounds/epochs stopping chose
+    refit_scale: bool = False  # refit for the chosen count / (1 - early_stopping_fraction) (more rows, more steps)
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
 

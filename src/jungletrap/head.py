@@ -259,15 +259,16 @@ def _optimizer(model: nn.Module, cfg: HeadConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _check_fit_inputs(train: HeadSource, valid: HeadSource, class_prior: np.ndarray | None) -> None:
-    if train.labels is None or valid.labels is None:
-        raise ValueError("fit_head needs labels on both train and valid")
-    if len(train) == 0 or len(valid) == 0:
-        raise ValueError(f"fit_head needs rows in train ({len(train)}) and valid ({len(valid)})")
-    if train.embed_dim != valid.embed_dim or train.meta_dim != valid.meta_dim:
-        raise ValueError("train and valid disagree on the embedding or metadata width")
-    if train.labels.shape[1] != valid.labels.shape[1]:
-        raise ValueError("train and valid disagree on the number of classes")
+def _check_fit_inputs(train: HeadSource, valid: HeadSource | None, class_prior: np.ndarray | None) -> None:
+    if train.labels is None or len(train) == 0:
+        raise ValueError(f"fit_head needs labelled rows in train ({len(train)} rows)")
+    if valid is not None:
+        if valid.labels is None or len(valid) == 0:
+            raise ValueError(f"fit_head needs labelled rows in valid ({len(valid)} rows)")
+        if train.embed_dim != valid.embed_dim or train.meta_dim != valid.meta_dim:
+            raise ValueError("train and valid disagree on the embedding or metadata width")
+        if train.labels.shape[1] != valid.labels.shape[1]:
+            raise ValueError("train and valid disagree on the number of classes")
     if class_prior is not None and np.shape(class_prior) != (train.labels.shape[1],):
         raise ValueError(f"class_prior shape {np.shape(class_prior)} != ({train.labels.shape[1]},)")
 
@@ -277,9 +278,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**63
 
 
-def fit_head(train: HeadSource, valid: HeadSource, *, cfg: HeadConfig, seed: int,
+def fit_head(train: HeadSource, valid: HeadSource | None, *, cfg: HeadConfig, seed: int,
              class_prior: np.ndarray | None = None, frame_dropout: float = 0.1,
-             device: str | torch.device = "cpu") -> HeadFit:
+             device: str | torch.device = "cpu", epochs: int | None = None) -> HeadFit:
     """Train a :class:`FrameHead` with early stopping on the ``valid`` log loss; keep the best epoch's weights.
 
     ``valid`` is the rows early stopping watches (the fold's inner stopping split, never the rows the model is then
@@ -288,7 +289,12 @@ def fit_head(train: HeadSource, valid: HeadSource, *, cfg: HeadConfig, seed: int
     seeded global RNG (the caller's RNG state is restored), the epoch orders a seed per epoch and frame dropout a
     private ``torch.Generator``; the thread count is pinned to ``cfg.torch_threads`` (restored afterwards).
     ``frame_dropout`` hides real frames at random while training only. ``valid_loss`` is the competition metric.
+
+    ``valid`` None with ``epochs`` (the refit on all of a fold's training rows): train exactly that many epochs,
+    nothing to stop on, and keep the last epoch's weights.
     """
+    if (valid is None) != (epochs is not None):
+        raise ValueError("fit_head takes either valid rows to stop on or a fixed number of epochs, not both")
     _check_fit_inputs(train, valid, class_prior)
     threads = torch.get_num_threads()
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
@@ -296,8 +302,8 @@ def fit_head(train: HeadSource, valid: HeadSource, *, cfg: HeadConfig, seed: int
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return _fit(train, valid, cfg=cfg, seed=seed, class_prior=class_prior,
-                        frame_dropout=frame_dropout, device=torch.device(device))
+            return _fit(train, valid, cfg=cfg, seed=seed, class_prior=class_prior, frame_dropout=frame_dropout,
+                        device=torch.device(device), epochs=epochs)
     finally:
         torch.set_num_threads(threads)
 
@@ -332,23 +338,30 @@ def _train_epoch(model: FrameHead, optimizer: torch.optim.Optimizer, train: Head
     return total / max(seen, 1)
 
 
-def _fit(train: HeadSource, valid: HeadSource, *, cfg: HeadConfig, seed: int, class_prior: np.ndarray | None,
-         frame_dropout: float, device: torch.device) -> HeadFit:
-    assert valid.labels is not None
+def _fit(train: HeadSource, valid: HeadSource | None, *, cfg: HeadConfig, seed: int,
+         class_prior: np.ndarray | None, frame_dropout: float, device: torch.device,
+         epochs: int | None) -> HeadFit:
+    """The epoch loop: stop on ``valid`` (best epoch kept), or run ``epochs`` epochs (last kept)."""
     model = _new_model(train, cfg, class_prior).to(device)
     optimizer = _optimizer(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     curve: list[dict[str, float]] = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, (epochs or cfg.epochs) + 1):
         train_loss = _train_epoch(model, optimizer, train, cfg=cfg, shuffle_seed=_epoch_seed(seed, epoch),
                                   frame_dropout=frame_dropout, gen=gen, device=device)
+        if valid is None:
+            curve.append({"epoch": epoch, "train_loss": train_loss})
+            continue
+        assert valid.labels is not None
         valid_loss = mean_log_loss(valid.labels, predict_head(model, valid))
         curve.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss})
         if valid_loss < best_loss:
             best_loss, best_epoch, best_state = valid_loss, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
+    if valid is None:
+        best_epoch, best_state = len(curve), model.state_dict()
     state = {k: v.detach().cpu().clone().contiguous() for k, v in best_state.items()}
     return HeadFit(state_dict=state, init_kwargs=dict(model.init_kwargs), best_epoch=best_epoch,
                    best_valid_loss=best_loss, curve=curve)

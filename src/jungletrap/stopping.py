@@ -8,6 +8,10 @@ The split depends on the clips, not on row order: each clip gets a seeded hash o
 each stratum (the clip's rarest positive class among the fit rows, or "no label") the clips with the lowest hashes
 are taken, ``fraction`` of the stratum rounded. So XGBoost (rows in feature-part order) and the head (catalog
 order) stop on exactly the same clips, rare classes reach the stopping rows in proportion, and it is O(N) numpy.
+
+A refit (``train.refit``) then trains the fold's model again on all its training rows (fit + stopping) for the
+count of rounds or epochs the stopping run chose (:func:`refit_count`), so the model sees every training clip
+and the held-out fold still influences nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["stopping_mask"]
+__all__ = ["refit_count", "stopping_mask"]
 
 _NO_LABEL = -1
 
@@ -54,3 +58,12 @@ def stopping_mask(video_ids: np.ndarray, labels: np.ndarray, fit: np.ndarray, *,
     if stop.sum() == fit.sum():
         stop[frame["hash"].idxmax()] = False
     return stop
+
+
+def refit_count(chosen: int, *, fraction: float, scale: bool) -> int:
+    """Rounds/epochs of the refit on all training rows: the stopping run's ``chosen`` count, or (``scale``) that
+    count times 1 / (1 - ``fraction``), the usual heuristic that a set that much larger supports that many more
+    steps before it overfits (for the head, an epoch over the larger set already takes that many more steps)."""
+    if chosen < 1:
+        raise ValueError(f"the stopping run chose {chosen} rounds/epochs; a refit needs at least 1")
+    return max(1, round(chosen / (1 - fraction))) if scale else chosen

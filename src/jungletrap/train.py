@@ -4,8 +4,11 @@ Artifacts: ``oof/<model>.parquet`` (one row per training clip), ``test/<model>.p
 ``models/<model>/`` (XGBoost UBJ, torch state_dicts + JSON), and ``train_metrics.json`` (per-fold scores and
 curves). Each fold's models fit on the training folds minus an inner early-stopping split
 (``train.early_stopping_fraction``, the same clips for every model) and stop on it; the held-out fold is only
-predicted. ``train_metrics.json`` keeps the two apart: ``stopping_log_loss`` (mean over folds of the loss at the
-stopping point, on the rows it was chosen on: optimistic) and ``oof_log_loss`` (the held-out folds: unbiased).
+predicted. With ``train.refit`` each fold's model is then fitted again on all its training rows (fit + stopping)
+for the rounds/epochs the stopping run chose (per fold: ``best_iteration``/``best_epoch`` chosen,
+``rounds``/``epochs`` used, ``refit``, ``n_model`` rows). ``train_metrics.json`` keeps the two apart:
+``stopping_log_loss`` (mean over folds of the loss at the stopping point, on the rows it was chosen on: optimistic)
+and ``oof_log_loss`` (the held-out folds: unbiased).
 XGBoost trains first (it needs the whole cluster's collective), then the head's folds run in parallel as Dask
 tasks that stream their data from Parquet themselves.
 """
@@ -65,7 +68,8 @@ def _train_xgb(client: Client, cfg: JobConfig, run_dir: RunPath, catalog: pd.Dat
     return train_xgb_folds(client, matrix, rows[list(CLASS_NAMES)].to_numpy(np.float32), rows[SPLIT].to_numpy(),
                            rows[FOLD].to_numpy(), cfg.train.xgb, seed=cfg.run.seed, gpu=gpu,
                            models_dir=run_dir / "models" / "xgb",
-                           stopping_fraction=cfg.train.early_stopping_fraction)
+                           stopping_fraction=cfg.train.early_stopping_fraction, refit=cfg.train.refit,
+                           refit_scale=cfg.train.refit_scale)
 
 
 def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> dict[str, Any]:
@@ -81,6 +85,8 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> 
             cfg.run.seed,
             "cuda" if gpu else "cpu",
             stopping_fraction=cfg.train.early_stopping_fraction,
+            refit=cfg.train.refit,
+            refit_scale=cfg.train.refit_scale,
             key=f"head-fold{k}-{path_token(run_dir)}",
             pure=False,
             resources=gpu_resources(gpu),
@@ -92,8 +98,8 @@ def _train_head(client: Client, cfg: JobConfig, run_dir: RunPath, gpu: bool) -> 
     return {
         "oof": pd.concat([r["oof"] for r in results], ignore_index=True),
         "test": test.groupby(level=0).mean().reset_index(),
-        "folds": [{k: r[k] for k in ("fold", "best_epoch", "stopping_logloss", "oof_logloss", "n_fit", "n_stopping",
-                                     "curve")} for r in results],
+        "folds": [{k: r[k] for k in ("fold", "best_epoch", "stopping_logloss", "refit", "epochs", "oof_logloss",
+                                     "n_fit", "n_stopping", "n_model", "curve")} for r in results],
     }
 
 

@@ -3,8 +3,10 @@
 The head (:mod:`jungletrap.head`) sees the T×D frame embeddings (masked where a clip has fewer frames) and a
 metadata vector (container facts + pixel/motion statistics). A fold fits on the training folds minus an inner
 early-stopping split (:mod:`jungletrap.stopping`), stops on that split, and only predicts its held-out fold and
-the test clips, so its out-of-fold score is not flattered by its stopping point. The metadata scaler is fitted on
-the fold's fit rows only and saved beside the weights, so prediction applies exactly the same transform.
+the test clips, so its out-of-fold score is not flattered by its stopping point; with ``train.refit`` a second head
+then fits on all the fold's training rows for the chosen epoch count and replaces the first. The metadata scaler
+is fitted on the rows the saved model fits on and saved beside the weights, so prediction applies the same
+transform.
 
 Rows are never held whole: every pass (a training epoch, the stopping loss, the held-out and test predictions,
 ``predict``) streams the parts through :class:`jungletrap.head_stream.ClipStream`; see its module for the bound.
@@ -31,7 +33,7 @@ from jungletrap.head import build_head, fit_head, predict_head
 from jungletrap.head_stream import META_FEATURES, ClipStream, MetaScaler, PartIndex, fit_meta_scaler
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, FOLD, SPLIT, SPLIT_TEST, VIDEO_ID
-from jungletrap.stopping import stopping_mask
+from jungletrap.stopping import refit_count, stopping_mask
 from jungletrap.storage import RunPath, read_parquet, run_path, write_bytes_atomic, write_text_atomic
 
 __all__ = ["META_FEATURES", "MetaScaler", "predict_head_models", "train_head_fold"]
@@ -83,14 +85,21 @@ def train_head_fold(
     device: str = "cpu",
     *,
     stopping_fraction: float = 0.125,
+    refit: bool = False,
+    refit_scale: bool = False,
 ) -> dict[str, Any]:
     """Dask task: fit the head on the other folds (minus the stopping rows), predict the held-out fold and the test.
+
+    With ``refit`` the stopping run only chooses the epoch count: a second head (and metadata scaler) then fits on
+    every training-fold row (fit + stopping) for that many epochs (:func:`jungletrap.stopping.refit_count`) and is
+    the one saved and used; the held-out fold is still only predicted.
 
     Peak memory does not depend on the number of clips N except through per-clip bookkeeping (ids, split, fold,
     labels and metadata columns: ~400 bytes a clip, ~80 MB at 200,000 clips). The embeddings are streamed: one
     embed part's row group at a time + ``cfg.shuffle_buffer`` clips x ``cfg.max_frames`` x D float16 + one float32
     batch (1024 x 45 x 1280 x 2 bytes = 118 MB for the buffer at the defaults with a 1280-d backbone); the model
-    and optimizer are independent of N. Folds run as parallel Dask tasks (one GPU each when present).
+    and optimizer are independent of N, and the refit streams the same way. Folds run as parallel Dask tasks (one
+    GPU each when present).
     """
     _import_torch_dynamo()
     torch.set_num_threads(max(cfg.torch_threads, worker_nthreads()))
@@ -98,29 +107,38 @@ def train_head_fold(
     index = PartIndex.open(run_path(embed_dir), run_path(features_dir))
     fit, stop, held, test = _fold_rows(catalog, fold, fraction=stopping_fraction, seed=seed)
     ids, y = catalog[VIDEO_ID].to_numpy(dtype=object), catalog[list(CLASS_NAMES)].to_numpy(np.float32)
-    scaler = fit_meta_scaler(index, ids[fit])
 
-    def stream(rows: np.ndarray, labelled: bool = True) -> ClipStream:
+    def stream(rows: np.ndarray, scaler: MetaScaler, labelled: bool = True) -> ClipStream:
         return ClipStream(index, ids[rows], labels=y[rows] if labelled else None, scaler=scaler,
                           max_frames=cfg.max_frames, shuffle_buffer=cfg.shuffle_buffer)
 
-    held_out, test_clips = stream(held), stream(test, labelled=False)
-    result = fit_head(stream(fit), stream(stop), cfg=cfg, seed=seed + fold, class_prior=y[fit].mean(axis=0),
-                      device=device)
+    scaler = fit_meta_scaler(index, ids[fit])
+    result = fit_head(stream(fit, scaler), stream(stop, scaler), cfg=cfg, seed=seed + fold,
+                      class_prior=y[fit].mean(axis=0), device=device)
+    chosen, stopping_loss, curve = result.best_epoch, result.best_valid_loss, result.curve
+    if refit:
+        train = fit | stop
+        scaler = fit_meta_scaler(index, ids[train])
+        result = fit_head(stream(train, scaler), None, cfg=cfg, seed=seed + fold, class_prior=y[train].mean(axis=0),
+                          device=device, epochs=refit_count(chosen, fraction=stopping_fraction, scale=refit_scale))
     _save(result, scaler, cfg, run_path(models_dir), fold)
     model = build_head(result.init_kwargs, result.state_dict).to(device)
+    held_out, test_clips = stream(held, scaler), stream(test, scaler, labelled=False)
     oof = predict_head(model, held_out)
     assert held_out.labels is not None
     return {
         "fold": fold,
         "oof": _frame(held_out.video_ids, oof),
         "test": _frame(test_clips.video_ids, predict_head(model, test_clips)),
-        "best_epoch": result.best_epoch,
-        "stopping_logloss": result.best_valid_loss,
+        "best_epoch": chosen,
+        "stopping_logloss": stopping_loss,
+        "refit": refit,
+        "epochs": result.best_epoch,
         "oof_logloss": mean_log_loss(held_out.labels, oof),
         "n_fit": int(fit.sum()),
         "n_stopping": int(stop.sum()),
-        "curve": result.curve,
+        "n_model": int((fit | stop).sum() if refit else fit.sum()),
+        "curve": curve,
     }
 
 

@@ -2,8 +2,9 @@
 
 The label is the 24-column 0/1 matrix (XGBoost's multi-label mode, ``binary:logistic`` per output), so one
 booster per fold serves every class. Early stopping watches an inner split of the fold's training rows (never
-the held-out fold, whose score it would flatter); out-of-fold predictions cover every training clip exactly once
-and test predictions average the fold models. No class
+the held-out fold, whose score it would flatter); with ``train.refit`` a second booster then fits on all the
+fold's training rows for the chosen rounds and is the fold's model. Out-of-fold predictions cover every training
+clip exactly once and test predictions average the fold models. No class
 reweighting: the metric is log loss, where calibrated probabilities matter more than recall.
 Training runs one model at a time (two concurrent ``xgboost.dask`` trainings can deadlock its collective).
 
@@ -37,7 +38,7 @@ from jungletrap.cluster import relax_malloc_trim
 from jungletrap.config import XGBConfig
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
-from jungletrap.stopping import stopping_mask
+from jungletrap.stopping import refit_count, stopping_mask
 from jungletrap.storage import RunPath, is_remote, read_schema, read_table, write_bytes_atomic, write_json_atomic
 
 XGBResult = dict[str, Any]
@@ -207,18 +208,54 @@ def _predict(client: Client, booster: xgb.Booster | Future, X: da.Array, margin:
     return xgb.dask.inplace_predict(client, booster, X, iteration_range=(0, n_rounds), base_margin=_margin(X, margin))
 
 
-def _fold_data(client: Client, matrix: FeatureMatrix, Y: da.Array, fit: np.ndarray, stop: np.ndarray,
+def _fold_data(client: Client, matrix: FeatureMatrix, Y: da.Array, fit: np.ndarray, stop: np.ndarray | None,
                margin: np.ndarray, cfg: XGBConfig) -> tuple[Any, Any, list[str]]:
     """The fold's fit and early-stopping ``DaskDMatrix`` es, each with a block on every one of the fold's workers.
 
     The fold trains on no more workers than there are stopping rows, so no training worker lacks either matrix.
+    ``stop`` None (the refit) gives the fit matrix alone, over as many workers as its rows call for.
     """
-    workers = fold_workers(client, int(fit.sum()), cfg)[: max(1, int(stop.sum()))]
-    x_fit, y_fit, x_stop, y_stop = (spread(client, take_rows(a, rows), workers)
-                                    for rows in (fit, stop) for a in (matrix.X, Y))
-    m_fit, m_stop = (spread(client, _margin(x, margin), workers) for x in (x_fit, x_stop))
-    return (xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=m_fit),
-            xgb.dask.DaskDMatrix(client, x_stop, y_stop, base_margin=m_stop), workers)
+    n_stop = len(fit) if stop is None else max(1, int(stop.sum()))
+    workers = fold_workers(client, int(fit.sum()), cfg)[:n_stop]
+    x_fit, y_fit = (spread(client, take_rows(a, fit), workers) for a in (matrix.X, Y))
+    dfit = xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=spread(client, _margin(x_fit, margin), workers))
+    if stop is None:
+        return dfit, None, workers
+    x_stop, y_stop = (spread(client, take_rows(a, stop), workers) for a in (matrix.X, Y))
+    dstop = xgb.dask.DaskDMatrix(client, x_stop, y_stop, base_margin=spread(client, _margin(x_stop, margin), workers))
+    return dfit, dstop, workers
+
+
+@dataclass
+class _FoldModel:
+    """The booster a fold predicts with: its prior margin and the rounds it uses."""
+
+    booster: xgb.Booster
+    margin: np.ndarray
+    rounds: int
+
+
+def _stopping_run(client: Client, matrix: FeatureMatrix, Y: da.Array, labels: np.ndarray, fit: np.ndarray,
+                  stop: np.ndarray, cfg: XGBConfig, params: dict[str, Any]) -> tuple[_FoldModel, list[float]]:
+    """Fit on ``fit``, stop early on ``stop``; the best round count and the stopping curve."""
+    margin = prior_margin(labels[fit])
+    dtrain, dstop, workers = _fold_data(client, matrix, Y, fit, stop, margin, cfg)
+    out = xgb.dask.train(client, {**params, "nthread": fold_threads(client, workers)}, dtrain,
+                         num_boost_round=cfg.n_estimators, evals=[(dstop, "stopping")],
+                         early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
+    booster: xgb.Booster = out["booster"]
+    curve = [float(v) for v in out["history"]["stopping"]["logloss"]]
+    return _FoldModel(booster, margin, int(booster.best_iteration) + 1), curve
+
+
+def _refit(client: Client, matrix: FeatureMatrix, Y: da.Array, labels: np.ndarray, train: np.ndarray,
+           rounds: int, cfg: XGBConfig, params: dict[str, Any]) -> _FoldModel:
+    """Fit on every training-fold row (fit + stopping) for exactly ``rounds`` rounds, nothing to stop on."""
+    margin = prior_margin(labels[train])
+    dtrain, _, workers = _fold_data(client, matrix, Y, train, None, margin, cfg)
+    out = xgb.dask.train(client, {**params, "nthread": fold_threads(client, workers)}, dtrain,
+                         num_boost_round=rounds, verbose_eval=False)
+    return _FoldModel(out["booster"], margin, rounds)
 
 
 def train_xgb_folds(
@@ -233,11 +270,15 @@ def train_xgb_folds(
     gpu: bool,
     models_dir: RunPath,
     stopping_fraction: float = 0.125,
+    refit: bool = False,
+    refit_scale: bool = False,
 ) -> XGBResult:
     """Train one booster per fold; return OOF and averaged test predictions, per-fold scores and curves.
 
     A fold's booster fits on the training folds minus the inner stopping split (:mod:`jungletrap.stopping`,
-    ``stopping_fraction`` of them), stops early on that split and only predicts the held-out fold.
+    ``stopping_fraction`` of them) and stops early on that split; with ``refit`` a second booster then fits on all
+    the training folds' rows for the chosen rounds (:func:`jungletrap.stopping.refit_count`) and replaces it. The
+    held-out fold is only predicted. The two trainings run one after the other, never at once.
     """
     if not is_remote(models_dir):
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -251,29 +292,28 @@ def train_xgb_folds(
         train, held = fold_masks(split, folds, k)
         stop = stopping_mask(matrix.video_ids, labels, train, fraction=stopping_fraction, seed=seed + k)
         fit = train & ~stop
-        margin = prior_margin(labels[fit])
-        dtrain, dstop, workers = _fold_data(client, matrix, Y, fit, stop, margin, cfg)
-        params = {**xgb_params(cfg, seed=seed + k, gpu=gpu), "nthread": fold_threads(client, workers)}
-        out = xgb.dask.train(client, params, dtrain,
-                             num_boost_round=cfg.n_estimators, evals=[(dstop, "stopping")],
-                             early_stopping_rounds=cfg.early_stopping_rounds, verbose_eval=False)
-        booster: xgb.Booster = out["booster"]
-        n_rounds = int(booster.best_iteration) + 1
-        write_bytes_atomic(bytes(booster.save_raw("ubj")), models_dir / f"fold{k}.ubj")  # local path or URL
-        on_workers = client.scatter(booster, hash=False)  # once for both predictions (no broadcast: can hang)
-        oof_proba, test_proba = client.compute([_predict(client, on_workers, x, margin, n_rounds)
+        params = xgb_params(cfg, seed=seed + k, gpu=gpu)
+        model, curve = _stopping_run(client, matrix, Y, labels, fit, stop, cfg, params)
+        chosen = model.rounds
+        if refit:
+            model = _refit(client, matrix, Y, labels, train,
+                           refit_count(chosen, fraction=stopping_fraction, scale=refit_scale), cfg, params)
+        write_bytes_atomic(bytes(model.booster.save_raw("ubj")), models_dir / f"fold{k}.ubj")  # local path or URL
+        on_workers = client.scatter(model.booster, hash=False)  # once for both predictions (no broadcast: can hang)
+        oof_proba, test_proba = client.compute([_predict(client, on_workers, x, model.margin, model.rounds)
                                                 for x in (take_rows(matrix.X, held), x_test)], sync=True)
         oof_parts.append(_frame(matrix.video_ids[held], oof_proba))
         test_probas.append(test_proba)
-        curve = [float(v) for v in out["history"]["stopping"]["logloss"]]
-        folds_info.append({"fold": int(k), "best_iteration": n_rounds, "stopping_logloss": curve[n_rounds - 1],
+        folds_info.append({"fold": int(k), "best_iteration": chosen, "stopping_logloss": curve[chosen - 1],
+                           "refit": refit, "rounds": model.rounds,
                            "oof_logloss": mean_log_loss(labels[held], np.asarray(oof_proba)),
-                           "n_fit": int(fit.sum()), "n_stopping": int(stop.sum()), "stopping_curve": curve,
-                           "margin": margin.tolist()})
-        log.info("xgb fold %d: %d rounds, stopping logloss %.4f, held-out fold %.4f", k, n_rounds,
-                 curve[n_rounds - 1], folds_info[-1]["oof_logloss"])
+                           "n_fit": int(fit.sum()), "n_stopping": int(stop.sum()),
+                           "n_model": int((train if refit else fit).sum()), "stopping_curve": curve,
+                           "margin": model.margin.tolist()})
+        log.info("xgb fold %d: %d rounds chosen (stopping logloss %.4f), %s %d rounds, held-out fold %.4f", k,
+                 chosen, curve[chosen - 1], "refit" if refit else "kept", model.rounds, folds_info[-1]["oof_logloss"])
     write_json_atomic({"features": matrix.features,
-                       "folds": [{k: f[k] for k in ("fold", "best_iteration", "margin")} for f in folds_info]},
+                       "folds": [{k: f[k] for k in ("fold", "rounds", "margin")} for f in folds_info]},
                       models_dir / "features.json")
     test = _frame(matrix.video_ids[is_test], np.mean(test_probas, axis=0))
     return {"oof": pd.concat(oof_parts, ignore_index=True), "test": test, "folds": folds_info}
@@ -288,6 +328,6 @@ def predict_xgb_models(client: Client, models_dir: RunPath, features_dir: RunPat
         booster = xgb.Booster()
         booster.load_model(bytearray((models_dir / f"fold{fold['fold']}.ubj").read_bytes()))
         lazy.append(_predict(client, booster, matrix.X, np.asarray(fold["margin"], np.float32),
-                             fold["best_iteration"]))
+                             fold.get("rounds", fold.get("best_iteration"))))  # older runs: best_iteration
     probas = client.compute(lazy, sync=True)
     return _frame(matrix.video_ids, np.mean(probas, axis=0)).set_index(VIDEO_ID)
