@@ -137,6 +137,7 @@ class EmbedConfig(_Section):
     """Frame sampling (in time, not frame index) and the backbone run on every sampled frame."""
 
     backbone: str = "efficientnet_lite0"
+    backbones: list[str] | None = Field(None, min_length=1)
     sample_fps: float = Field(3.0, gt=0, le=120)
     max_seconds: float = Field(15.0, gt=0)
     n_frames: int | None = Field(None, ge=1, le=1024)
@@ -144,7 +145,7 @@ class EmbedConfig(_Section):
     dtype: str = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: Literal["auto", "torch", "openvino"] = "auto"
-    weights: str | None = Field(None, min_length=1)
+    weights: str | dict[str, str | None] | None = None
     decode_timeout_s: float = Field(120.0, gt=0)
     prefetch_videos: int = Field(4, ge=1, le=64)
     decode_threads: int = Field(2, ge=1, le=64)
@@ -161,6 +162,48 @@ class EmbedConfig(_Section):
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
         return name
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        for name in names:
+            cls._known_backbone(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"backbones must not repeat a name, got {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _one_list_of_backbones(self) -> EmbedConfig:
+        """``backbones`` wins over the ``backbone`` shorthand; both given, ``backbone`` must be its first entry."""
+        if self.backbones and "backbone" in self.model_fields_set and self.backbone != self.backbones[0]:
+            raise ValueError(f"backbone {self.backbone!r} and backbones {self.backbones} disagree: give only "
+                             "backbones (its first entry is the main one), or backbone alone")
+        names = self.backbone_names
+        if isinstance(self.weights, str) and self.weights != "random" and len(names) > 1:
+            raise ValueError(f"weights {self.weights!r} cannot serve several backbones {names}: give a mapping "
+                             "backbone -> weights (null = published, random, or a path/URL)")
+        if isinstance(self.weights, dict):
+            unknown = sorted(set(self.weights) - set(names))
+            if unknown:
+                raise ValueError(f"weights names backbones not embedded: {unknown} (backbones: {names})")
+            if any(w is not None and not w for w in self.weights.values()):
+                raise ValueError("weights: an empty string is not a path; use null for the published weights")
+        elif isinstance(self.weights, str) and not self.weights:
+            raise ValueError("weights: an empty string is not a path; use null for the published weights")
+        return self
+
+    @property
+    def backbone_names(self) -> list[str]:
+        """Every backbone this run embeds, the main one (``backbone``) first."""
+        return list(self.backbones) if self.backbones else [self.backbone]
+
+    def weights_for(self, backbone: str) -> str | None:
+        """``weights`` for one backbone: a mapping's entry, else the single value (null = published weights)."""
+        if isinstance(self.weights, dict):
+            return self.weights.get(backbone)
+        return self.weights
 
     @field_validator("dtype")
     @classmethod

@@ -102,7 +102,7 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
         codec_threads=cfg.codec_threads,
         input_size=cfg.input_size,
         runtime=cfg.runtime,
-        weights=cfg.weights,
+        weights=cfg.weights_for(cfg.backbone),
     )
 
 

@@ -110,7 +110,8 @@ def stage_hashes(cfg: JobConfig, *, clips: str | None = None) -> dict[str, str]:
         "embed": {"schema": EMBED_SCHEMA_VERSION,
                   **{k: v for k, v in cfg.embed.model_dump(mode="json").items()
                      if k not in ("batch_size", "prefetch_videos", "decode_threads", "decode_processes",
-                                  "codec_threads", "decode_timeout_s", "retries", "device", "runtime")}},
+                                  "codec_threads", "decode_timeout_s", "retries", "device", "runtime")
+                     and not (k == "backbones" and v is None)}},  # one backbone: hashes as before the key
         "features": {"version": FEATURE_SET_VERSION, **cfg.features.model_dump(mode="json")},
         "train": {"train": cfg.train.model_dump(mode="json"), "seed": cfg.run.seed},
         "ensemble": {**cfg.ensemble.model_dump(mode="json"),

@@ -37,8 +37,14 @@ __all__ = ["run_train", "embed_dir", "prediction_path", "read_predictions"]
 log = logging.getLogger(__name__)
 
 
-def embed_dir(cfg: JobConfig, run_dir: RunPath) -> RunPath:
-    return run_dir / "embeddings" / cfg.embed.backbone
+def embed_dir(cfg: JobConfig, run_dir: RunPath, backbone: str | None = None) -> RunPath:
+    """``embeddings/<backbone>/`` of a run: the main backbone's unless ``backbone`` is named."""
+    return run_dir / "embeddings" / (backbone or cfg.embed.backbone)
+
+
+def embed_dirs(cfg: JobConfig, run_dir: RunPath) -> dict[str, RunPath]:
+    """Every backbone's embedding dataset of a run, the main backbone first."""
+    return {name: embed_dir(cfg, run_dir, name) for name in cfg.embed.backbone_names}
 
 
 def prediction_path(run_dir: RunPath, kind: str, model: str) -> RunPath:
