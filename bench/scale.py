@@ -128,42 +128,58 @@ def _predict(client: Any, run_dir: Path, cfg: Any) -> None:
     assert len(proba) == len(index)
 
 
-def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: Path) -> dict[str, Any]:
+def _disk_mib(run_dir: Path) -> float:
+    return round(sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) / 2**20, 1)
+
+
+def run_size(n: int, *, dim: int, frames: int, rounds: int, epochs: int, work: Path, videos_per_partition: int = 32,
+             stages: tuple[str, ...] = STAGES, reuse: bool = False) -> dict[str, Any]:
+    """One size: generate (unless ``reuse`` finds a finished rehearsal), then ``stages`` in order.
+
+    ``stages`` and ``reuse`` let a long run (the 200,000-clip rehearsal) be measured in several processes.
+    """
     from jungletrap.cluster import open_client
     from jungletrap.synthetic_embeddings import RehearsalSpec, write_rehearsal
 
     run_dir = work / f"scale-{n}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    result: dict[str, Any] = {"clips": n}
+    result: dict[str, Any] = {"clips": n, "videos_per_partition": videos_per_partition}
     start = time.perf_counter()
-    cfg = _cfg_for_cluster()
-    with open_client(cfg) as (client, _):
-        write_rehearsal(client, run_dir, RehearsalSpec(n=n, dim=dim, frames=frames))
-    result["generate_s"] = round(time.perf_counter() - start, 2)
-    result["disk_mib"] = round(sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) / 2**20, 1)
+    if not (reuse and (run_dir / "config.yaml").is_file()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with open_client(_cfg_for_cluster()) as (client, _):
+            write_rehearsal(client, run_dir, RehearsalSpec(n=n, dim=dim, frames=frames,
+                                                           videos_per_partition=videos_per_partition))
+        result["generate_s"] = round(time.perf_counter() - start, 2)
+        result["generated_disk_mib"] = _disk_mib(run_dir)
     full = _cfg(run_dir, rounds, epochs)
     cluster = open_client(full.cluster)
     client, info = cluster.__enter__()
     try:
-        _run_stages(client, info, run_dir, full, rounds, epochs, result)
+        _run_stages(client, info, run_dir, full, rounds, epochs, result, stages)
     finally:
         try:
             cluster.__exit__(None, None, None)
         except TimeoutError as err:  # a worker slow to exit (a loaded machine) must not cost the figures
             print(f"  (cluster close timed out: {err!r}; figures kept)", flush=True)
-    out = json.loads((run_dir / "metrics.json").read_text())
-    result["oof_log_loss"] = {m: v["mean_log_loss"] for m, v in out["oof"].items()}
-    result["n_features"] = len(json.loads((run_dir / "models" / "xgb" / "features.json").read_text())["features"])
+    result["disk_mib"] = _disk_mib(run_dir)
+    if (run_dir / "metrics.json").is_file():
+        out = json.loads((run_dir / "metrics.json").read_text())
+        result["oof_log_loss"] = {m: v["mean_log_loss"] for m, v in out["oof"].items()}
+    if (run_dir / "models" / "xgb" / "features.json").is_file():
+        spec = json.loads((run_dir / "models" / "xgb" / "features.json").read_text())
+        result["n_features"] = len(spec["features"])
     result["total_s"] = round(time.perf_counter() - start, 2)
     return result
 
 
 def _run_stages(client: Any, info: Any, run_dir: Path, full: Any, rounds: int, epochs: int,
-                result: dict[str, Any]) -> None:
+                result: dict[str, Any], stages: tuple[str, ...] = STAGES) -> None:
     from jungletrap.pipeline import StageContext, run_pipeline
 
     ctx = StageContext(client, full, run_dir, info)
     metrics: dict[str, Any] = {}
+    if "ensemble" in stages and (run_dir / "train_metrics.json").is_file():  # trained in an earlier process
+        metrics.update(json.loads((run_dir / "train_metrics.json").read_text()))
     steps = {
         "features": lambda: run_pipeline(ctx, stages=["features"]),
         "xgb": lambda: _train_one(client, run_dir, _cfg(run_dir, rounds, epochs, ["xgb"]), metrics),
@@ -172,8 +188,8 @@ def _run_stages(client: Any, info: Any, run_dir: Path, full: Any, rounds: int, e
                              run_pipeline(ctx, stages=["ensemble"], force=True)),
         "predict": lambda: _predict(client, run_dir, full),
     }
-    for stage, step in steps.items():
-        result[stage] = measure(client, step)
+    for stage in stages:
+        result[stage] = measure(client, steps[stage])
         print(f"  {result['clips']} clips, {stage}: {result[stage]}", flush=True)
 
 
@@ -231,12 +247,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=20, help="XGBoost rounds (early stopping after 5)")
     parser.add_argument("--epochs", type=int, default=2, help="head epochs (patience 1)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory, removed")
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one size, results to this JSON file
+    parser.add_argument("--videos-per-partition", type=int, default=32)
+    parser.add_argument("--single", default=None, metavar="JSON",
+                        help="one size (the first of --sizes), in --work-dir; figures merged into this JSON file")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="with --single")
+    parser.add_argument("--reuse", action="store_true", help="with --single: keep a rehearsal already generated")
     args = parser.parse_args(argv)
     if args.single:
         one = run_size(args.sizes[0], dim=args.dim, frames=args.frames, rounds=args.rounds, epochs=args.epochs,
-                       work=args.work_dir)
-        Path(args.single).write_text(json.dumps(one))
+                       work=args.work_dir, videos_per_partition=args.videos_per_partition,
+                       stages=tuple(args.stages), reuse=args.reuse)
+        path = Path(args.single)
+        earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else {}
+        Path(args.single).write_text(json.dumps({**earlier, **one}))
         return one
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
@@ -260,7 +283,7 @@ def _run_in_process(n: int, args: argparse.Namespace, work: Path) -> dict[str, A
     out = work / f"scale-{n}.json"
     cmd = [sys.executable, "-m", "bench.scale", "--sizes", str(n), str(n), "--dim", str(args.dim), "--frames",
            str(args.frames), "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--work-dir", str(work),
-           "--single", str(out)]
+           "--videos-per-partition", str(args.videos_per_partition), "--single", str(out)]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.read_text())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import dask.array as da
@@ -20,7 +21,9 @@ from jungletrap.schema import CLASS_NAMES, VIDEO_ID
 from jungletrap.stopping import stopping_mask
 from jungletrap.xgb import (
     _fold_data,
+    block_placement,
     fold_threads,
+    kept_blocks,
     fold_workers,
     load_feature_matrix,
     predict_xgb_models,
@@ -38,6 +41,31 @@ def test_take_rows_drops_empty_chunks() -> None:
     out = take_rows(x, mask)
     assert out.chunks[0] == (2, 1) and out.compute().ravel().tolist() == [1, 2, 9]
     assert take_rows(x, np.zeros(12, bool)).shape[0] == 0
+
+
+def test_block_placement_keeps_blocks_where_they_lie_and_feeds_every_worker() -> None:
+    """A fold on every worker moves no block; on fewer workers only the others' blocks move, balanced."""
+    assert block_placement(["a", "b", "a", "b"], ["a", "b"]) == ["a", "b", "a", "b"]
+    assert block_placement(["a", "b", "a", "b"], ["b"]) == ["b"] * 4
+    assert block_placement(["a", "a", "a", "c"], ["a", "b"]) == ["a", "a", "a", "b"]  # c trains no fold: to b
+    assert block_placement(["a", "a", "a"], ["a", "b"]) == ["a", "a", "b"]  # b would be idle: gets a's last
+    assert block_placement([None, None, None], ["a", "b"]) == ["a", "b", "a"]
+
+
+def test_fold_matrices_quantise_on_the_workers_that_hold_their_rows(dask_client: Client, tmp_path: Path) -> None:
+    """Each fold worker holds only its own blocks' rows (no float copy, no concatenation into one block)."""
+    features, ids, y, split, folds = _folds(tmp_path)
+    matrix = load_feature_matrix(dask_client, features)
+    Y = da.from_array(y, chunks=(matrix.X.chunks[0], y.shape[1]))
+    train, _ = fold_masks(split, folds, 0)
+    stop = stopping_mask(ids, y, train, fraction=0.125, seed=0)
+    dtrain, dstop, workers = _fold_data(dask_client, matrix, Y, train & ~stop, stop, np.zeros(24, np.float32),
+                                        XGBConfig(min_rows_per_worker=1))
+    assert isinstance(dtrain, xgb.dask.DaskQuantileDMatrix) and isinstance(dstop, xgb.dask.DaskQuantileDMatrix)
+    assert matrix.block_workers is not None and set(workers) == set(matrix.block_workers)
+    for mask, dmatrix in ((train & ~stop, dtrain), (stop, dstop)):
+        lies = Counter(matrix.block_workers[i] for i in kept_blocks(matrix.X, mask))
+        assert {w: len(parts) for w, parts in dmatrix.worker_map.items()} == lies  # each block where it lay
 
 
 def test_fold_placement_follows_rows_per_worker_and_takes_the_hosts_threads(dask_client: Client) -> None:

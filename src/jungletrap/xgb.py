@@ -46,7 +46,9 @@ XGBResult = dict[str, Any]
 __all__ = [
     "FeatureMatrix",
     "fold_threads",
+    "block_placement",
     "fold_workers",
+    "kept_blocks",
     "load_feature_matrix",
     "predict_xgb_models",
     "spread",
@@ -71,6 +73,7 @@ class FeatureMatrix:
     X: da.Array
     video_ids: np.ndarray
     features: list[str]
+    block_workers: list[str] | None = None  # the worker each block of X was persisted on (a placement hint)
 
 
 def _read_part_matrix(path: RunPath | str, features: list[str]) -> np.ndarray:
@@ -90,8 +93,10 @@ def load_feature_matrix(client: Client, features_dir: RunPath, *, features: list
                               dtype=np.float32) for p, i in zip(parts, ids, strict=True) if i]
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     # Spread the parts over the workers round-robin: every worker gets rows to train on.
-    X = da.concatenate([client.persist(b, workers=[workers[i % len(workers)]]) for i, b in enumerate(blocks)])
-    return FeatureMatrix(X=X, video_ids=np.array([v for i in ids for v in i], dtype=object), features=features)
+    placed = [workers[i % len(workers)] for i in range(len(blocks))]
+    X = da.concatenate([client.persist(b, workers=[w]) for b, w in zip(blocks, placed, strict=True)])
+    return FeatureMatrix(X=X, video_ids=np.array([v for i in ids for v in i], dtype=object), features=features,
+                         block_workers=placed)
 
 
 def xgb_params(cfg: XGBConfig, *, seed: int, gpu: bool) -> dict[str, Any]:
@@ -177,18 +182,54 @@ def fold_threads(client: Client, workers: list[str]) -> int:
     return max(1, min(threads[host] // n for host, n in training.items()))
 
 
-def spread(client: Client, X: da.Array, workers: list[str]) -> da.Array:
-    """Re-chunk rows into one block per worker and pin block i to worker i (persisted there).
+def kept_blocks(X: da.Array, mask: np.ndarray) -> list[int]:
+    """Indices of ``X``'s blocks that keep at least one row under ``mask`` (the blocks :func:`take_rows` keeps)."""
+    bounds = np.cumsum((0, *X.chunks[0]))
+    return [i for i in range(X.numblocks[0]) if mask[bounds[i] : bounds[i + 1]].any()]
+
+
+def block_placement(hints: list[str | None], workers: list[str]) -> list[str]:
+    """The fold worker each block trains on: where it already lies when that is a fold worker, else the least loaded.
+
+    Rows then move between workers only when the fold trains on fewer workers than hold its rows. Every fold
+    worker gets at least one block (the caller has at least as many blocks as workers): ``xgboost.dask``
+    trains on the workers holding blocks, and each needs some of both matrices.
+    """
+    load = dict.fromkeys(workers, 0)
+    placed: list[str] = []
+    for hint in hints:
+        target = hint if hint in load else min(load, key=lambda w: (load[w], w))
+        load[target] += 1
+        placed.append(target)
+    for idle in [w for w, n in load.items() if n == 0]:  # give an idle worker a block of the busiest one
+        busiest = max(load, key=lambda w: (load[w], w))
+        i = max(i for i, w in enumerate(placed) if w == busiest)
+        placed[i], load[busiest], load[idle] = idle, load[busiest] - 1, 1
+    return placed
+
+
+def spread(client: Client, X: da.Array, workers: list[str], hints: list[str | None] | None = None) -> da.Array:
+    """Persist ``X``'s blocks on the fold's workers, each worker holding at least one block.
 
     ``xgboost.dask`` trains on every worker that holds a partition of the training *or* evaluation data; a
     worker holding evaluation rows but no training rows cannot infer the 24 outputs and the multi-target model
-    fails. Giving every worker of the fold a block of each matrix (same sizes for X, labels and margins) rules
-    that out.
+    fails. Blocks stay where ``hints`` say they already are when that worker trains the fold (no copy, no
+    concatenation: ``DaskQuantileDMatrix`` reads a worker's blocks one by one); only with fewer blocks than
+    workers are the rows cut into one block per worker. X, labels and margins get the same placement.
     """
     n = max(1, min(len(workers), X.shape[0]))
-    X = X.rechunk({0: -(-X.shape[0] // n) if X.shape[0] else -1})
-    return da.concatenate([client.persist(X.blocks[i], workers=[workers[i % len(workers)]])
-                           for i in range(X.numblocks[0])])
+    if X.numblocks[0] < n or hints is None or len(hints) != X.numblocks[0]:
+        X = X.rechunk({0: -(-X.shape[0] // n) if X.shape[0] else -1})
+        hints = [None] * X.numblocks[0]
+    placed = block_placement(hints, workers[:n])
+    # A task of its own per block: a block that is an alias of a key already in memory elsewhere would be culled
+    # to that key by persist and stay where it is, whatever the restriction.
+    return da.concatenate([client.persist(X.blocks[i].map_blocks(_same, dtype=X.dtype), workers=[w])
+                           for i, w in enumerate(placed)])
+
+
+def _same(block: np.ndarray) -> np.ndarray:
+    return block
 
 
 def _margin_block(block: np.ndarray, margin: np.ndarray) -> np.ndarray:
@@ -210,19 +251,29 @@ def _predict(client: Client, booster: xgb.Booster | Future, X: da.Array, margin:
 
 def _fold_data(client: Client, matrix: FeatureMatrix, Y: da.Array, fit: np.ndarray, stop: np.ndarray | None,
                margin: np.ndarray, cfg: XGBConfig) -> tuple[Any, Any, list[str]]:
-    """The fold's fit and early-stopping ``DaskDMatrix`` es, each with a block on every one of the fold's workers.
+    """The fold's fit and early-stopping matrices, each with a block on every one of the fold's workers.
 
-    The fold trains on no more workers than there are stopping rows, so no training worker lacks either matrix.
-    ``stop`` None (the refit) gives the fit matrix alone, over as many workers as its rows call for.
+    ``DaskQuantileDMatrix``: each worker quantises its blocks straight into the histogram index (1 byte per
+    value), with no float copy of its rows (``DaskDMatrix`` concatenated them and kept a float32 copy besides);
+    the stopping matrix shares the fit matrix's cuts (``ref``). The fold trains on no more workers than there
+    are stopping rows, so no training worker lacks either matrix. ``stop`` None (the refit) gives the fit
+    matrix alone, over as many workers as its rows call for.
     """
     n_stop = len(fit) if stop is None else max(1, int(stop.sum()))
     workers = fold_workers(client, int(fit.sum()), cfg)[:n_stop]
-    x_fit, y_fit = (spread(client, take_rows(a, fit), workers) for a in (matrix.X, Y))
-    dfit = xgb.dask.DaskDMatrix(client, x_fit, y_fit, base_margin=spread(client, _margin(x_fit, margin), workers))
+
+    def placed(mask: np.ndarray) -> tuple[da.Array, da.Array, da.Array]:
+        hints = ([matrix.block_workers[i] for i in kept_blocks(matrix.X, mask)]
+                 if matrix.block_workers is not None else None)
+        x, y = (spread(client, take_rows(a, mask), workers, hints) for a in (matrix.X, Y))
+        return x, y, spread(client, _margin(x, margin), workers, hints)
+
+    x_fit, y_fit, m_fit = placed(fit)
+    dfit = xgb.dask.DaskQuantileDMatrix(client, x_fit, y_fit, base_margin=m_fit, max_bin=cfg.max_bin)
     if stop is None:
         return dfit, None, workers
-    x_stop, y_stop = (spread(client, take_rows(a, stop), workers) for a in (matrix.X, Y))
-    dstop = xgb.dask.DaskDMatrix(client, x_stop, y_stop, base_margin=spread(client, _margin(x_stop, margin), workers))
+    x_stop, y_stop, m_stop = placed(stop)
+    dstop = xgb.dask.DaskQuantileDMatrix(client, x_stop, y_stop, base_margin=m_stop, max_bin=cfg.max_bin, ref=dfit)
     return dfit, dstop, workers
 
 
