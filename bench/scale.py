@@ -90,11 +90,15 @@ def measure(client: Any, fn: Callable[[], Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stages
 
 
+#: ``--set`` overrides given to the bench (stated in its results), applied after the reduced training ones.
+EXTRA_SETS: list[str] = []
+
+
 def _cfg(run_dir: Path, rounds: int, epochs: int, models: list[str] | None = None) -> Any:
     from jungletrap.config import load_config
 
     sets = [f"train.xgb.n_estimators={rounds}", "train.xgb.early_stopping_rounds=5", f"train.head.epochs={epochs}",
-            "train.head.patience=1", "cluster.kind=cpu"]
+            "train.head.patience=1", "cluster.kind=cpu", *EXTRA_SETS]
     if models:
         sets.append(f"train.models=[{','.join(models)}]")
     return load_config(run_dir / "config.yaml", sets)
@@ -252,11 +256,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="one size (the first of --sizes), in --work-dir; figures merged into this JSON file")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="with --single")
     parser.add_argument("--reuse", action="store_true", help="with --single: keep a rehearsal already generated")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every stage, e.g. train.xgb.max_bin=64 (stated in the results)")
     args = parser.parse_args(argv)
+    EXTRA_SETS[:] = args.overrides
     if args.single:
         one = run_size(args.sizes[0], dim=args.dim, frames=args.frames, rounds=args.rounds, epochs=args.epochs,
                        work=args.work_dir, videos_per_partition=args.videos_per_partition,
                        stages=tuple(args.stages), reuse=args.reuse)
+        one["overrides"] = list(args.overrides)
         path = Path(args.single)
         earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else {}
         Path(args.single).write_text(json.dumps({**earlier, **one}))
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     small, large = (runs[n] for n in args.sizes)
     result = {"sizes": args.sizes, "dim": args.dim, "frames": args.frames, "n_workers": 2, "threads_per_worker": 1,
               "reduced": {"xgb_rounds": args.rounds, "xgb_early_stopping": 5, "head_epochs": args.epochs,
-                          "head_patience": 1},
+                          "head_patience": 1}, "overrides": list(args.overrides),
               "runs": {str(n): r for n, r in runs.items()}, "growth": growth(small, large)}
     result.update(flat_keys(result["growth"]))
     _print(result)
@@ -283,7 +291,8 @@ def _run_in_process(n: int, args: argparse.Namespace, work: Path) -> dict[str, A
     out = work / f"scale-{n}.json"
     cmd = [sys.executable, "-m", "bench.scale", "--sizes", str(n), str(n), "--dim", str(args.dim), "--frames",
            str(args.frames), "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--work-dir", str(work),
-           "--videos-per-partition", str(args.videos_per_partition), "--single", str(out)]
+           "--videos-per-partition", str(args.videos_per_partition), "--single", str(out),
+           *(f"--set={o}" for o in args.overrides)]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.read_text())
 
