@@ -65,3 +65,31 @@ def test_pca_columns_and_nan_rows(tmp_path: Path) -> None:
     assert out.loc[2, pca].isna().all() and out.drop(index=2)[pca].notna().all(axis=None)
     transform.save(tmp_path / "t.json")
     assert FeatureTransform.load(tmp_path / "t.json") == transform
+
+
+class _NoFullScan(set[str]):
+    """A set of training ids that may be asked about single ids but never walked whole."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the fit pass walked every training id for one part: parts x N work, not N")
+
+
+def test_fit_rows_are_picked_by_lookup_not_a_scan_of_every_id_per_part(tmp_path: Path) -> None:
+    """At 200,000 clips ``Series.isin(fit_ids)`` per part (it converts the whole set each call) took the fit
+    pass over 15 minutes; the rows must be picked by looking each of a part's ids up."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jungletrap.features import _fit_frame
+    from jungletrap.schema import VIDEO_ID
+
+    frame = _table(40, seed=0)
+    frame.insert(0, VIDEO_ID, [f"v{i:03d}.mp4" for i in range(40)])
+    parts = []
+    for k in range(4):
+        parts.append(tmp_path / f"part-{k:05d}.parquet")
+        pq.write_table(pa.Table.from_pandas(frame.iloc[k * 10 : (k + 1) * 10], preserve_index=False), parts[-1])
+    fit_ids = _NoFullScan(f"v{i:03d}.mp4" for i in range(0, 40, 2))
+    picked = _fit_frame(parts, fit_ids, ["width", "size_bytes"], None)
+    assert picked[VIDEO_ID].tolist() == [f"v{i:03d}.mp4" for i in range(0, 40, 2)]
+    assert picked["size_bytes"].tolist() == frame["size_bytes"].iloc[::2].tolist()

@@ -92,10 +92,13 @@ def read_embedding_part(path: RunPath | str) -> pd.DataFrame:
 def _fit_frame(parts: list[RunPath], fit_ids: set[str], columns: list[str], sample_ids: set[str] | None
                ) -> pd.DataFrame:
     """The training rows' columns needed to fit the transform, read part by part on the client."""
+    wanted = fit_ids if sample_ids is None else sample_ids
     frames = []
     for path in parts:
         frame = read_table(path, columns=[VIDEO_ID, *columns]).to_pandas()
-        keep = frame[VIDEO_ID].isin(fit_ids if sample_ids is None else sample_ids)
+        # Look each of the part's ids up in the set: Series.isin(set) converts the whole set on every call, which
+        # made this loop parts x N (over 15 minutes at 200,000 clips), not N.
+        keep = np.fromiter((v in wanted for v in frame[VIDEO_ID]), dtype=bool, count=len(frame))
         frames.append(frame[keep])
     return pd.concat(frames, ignore_index=True)
 
