@@ -107,8 +107,11 @@ def _cfg(run_dir: Path, rounds: int, epochs: int, models: list[str] | None = Non
 def _train_one(client: Any, run_dir: Path, cfg: Any, metrics: dict[str, Any]) -> None:
     from jungletrap.train import run_train
 
+    path = run_dir / "train_metrics.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}  # a model trained in an earlier process
     run_train(client, cfg, run_dir)
-    metrics.update(json.loads((run_dir / "train_metrics.json").read_text()))
+    metrics.update({**earlier, **json.loads(path.read_text())})
+    _write_json(path, metrics)
 
 
 def _predict(client: Any, run_dir: Path, cfg: Any) -> None:
