@@ -6,7 +6,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import cloudpickle
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -14,8 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import xgboost as xgb
-from dask.core import flatten
-from dask.optimization import cull
 from distributed import Client, wait
 
 from jungletrap.catalog import fold_masks
@@ -29,7 +26,6 @@ from jungletrap.xgb import (
     fold_threads,
     fold_workers,
     kept_blocks,
-    label_array,
     load_feature_matrix,
     predict_xgb_models,
     prior_margin,
@@ -56,18 +52,6 @@ def test_block_placement_keeps_blocks_where_they_lie_and_feeds_every_worker() ->
     assert block_placement(["a", "a", "a", "c"], ["a", "b"]) == ["a", "a", "a", "b"]  # c trains no fold: to b
     assert block_placement(["a", "a", "a"], ["a", "b"]) == ["a", "a", "b"]  # b would be idle: gets a's last
     assert block_placement([None, None, None], ["a", "b"]) == ["a", "b", "a"]
-
-
-def test_a_label_block_carries_only_its_own_rows() -> None:
-    """Each block's graph holds its rows' labels, not the whole matrix: the folds persist blocks one by one, and
-    with every block carrying all N rows the client's scheduler held N x blocks (over 10 GB at 200,000 clips)."""
-    labels = np.random.default_rng(0).random((10_000, 24)).astype(np.float32)
-    Y = label_array(labels, (100,) * 100)
-    assert Y.chunks[0] == (100,) * 100
-    np.testing.assert_array_equal(Y.compute(scheduler="sync"), labels)
-    one_block = take_rows(Y, np.arange(10_000) < 150).blocks[1]  # what spread persists for one block
-    graph, _ = cull(dict(one_block.__dask_graph__()), list(flatten(one_block.__dask_keys__())))  # as persist sends it
-    assert len(cloudpickle.dumps(graph)) < 3 * 100 * 24 * 4
 
 
 def test_a_block_already_placed_elsewhere_moves_to_the_new_placement(dask_client: Client) -> None:

@@ -51,7 +51,6 @@ __all__ = [
     "block_placement",
     "fold_workers",
     "kept_blocks",
-    "label_array",
     "load_feature_matrix",
     "predict_xgb_models",
     "spread",
@@ -152,19 +151,6 @@ def take_rows(X: da.Array, mask: np.ndarray) -> da.Array:
         elif part.any():
             blocks.append(X.blocks[i][part])
     return da.concatenate(blocks) if blocks else X[:0]
-
-
-def label_array(labels: np.ndarray, chunks: tuple[int, ...]) -> da.Array:
-    """The label matrix chunked like the feature matrix, each block made from its own rows only.
-
-    ``da.from_array`` would put the whole array in every block's graph: each of the thousands of per-block
-    persists (:func:`spread`) then shipped all N rows to the scheduler and a worker again (200,000 clips: 19 MB
-    per block, over 10 GB held by the client's scheduler before the first fold trained).
-    """
-    bounds = np.cumsum((0, *chunks))
-    blocks = [da.from_array(np.ascontiguousarray(labels[a:b], dtype=np.float32), chunks=-1)
-              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return da.concatenate(blocks) if blocks else da.zeros((0, labels.shape[1]), dtype=np.float32)
 
 
 #: How long a fold waits for a worker when none is connected (all lost or restarting) before it fails.
@@ -353,7 +339,7 @@ def train_xgb_folds(
     if not is_remote(models_dir):
         models_dir.mkdir(parents=True, exist_ok=True)
     is_train, is_test = split == SPLIT_TRAIN, split == SPLIT_TEST
-    Y = label_array(labels, matrix.X.chunks[0])
+    Y = da.from_array(labels.astype(np.float32), chunks=(matrix.X.chunks[0], labels.shape[1]))
     x_test = take_rows(matrix.X, is_test)
     # Dask's nanny pins glibc's mmap threshold low: every histogram buffer would be a fresh mmap (~10 % slower).
     client.run(relax_malloc_trim)
