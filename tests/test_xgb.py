@@ -26,6 +26,7 @@ from jungletrap.xgb import (
     fold_threads,
     fold_workers,
     kept_blocks,
+    live_workers,
     load_feature_matrix,
     place_rows,
     predict_xgb_models,
@@ -53,6 +54,26 @@ def test_block_placement_keeps_blocks_where_they_lie_and_feeds_every_worker() ->
     assert block_placement(["a", "a", "a", "c"], ["a", "b"]) == ["a", "a", "a", "b"]  # c trains no fold: to b
     assert block_placement(["a", "a", "a"], ["a", "b"]) == ["a", "a", "b"]  # b would be idle: gets a's last
     assert block_placement([None, None, None], ["a", "b"]) == ["a", "b", "a"]
+
+
+def test_a_stage_that_starts_while_its_workers_restart_waits_for_one(tmp_path: Path) -> None:
+    """Between stages the nannies may be restarting every worker: the feature matrix waits for one to connect
+    (it divided by the empty worker count: the CLI's pipeline failed under load with ZeroDivisionError)."""
+    class Restarting:
+        def __init__(self) -> None:
+            self.connected: dict[str, dict] = {}
+            self.waited = 0
+
+        def scheduler_info(self, n_workers: int) -> dict:
+            return {"workers": self.connected}
+
+        def wait_for_workers(self, n: int, timeout: float) -> None:
+            self.waited += 1
+            self.connected = {"tcp://w1": {}, "tcp://w0": {}}
+
+    client = Restarting()
+    assert live_workers(client) == ["tcp://w0", "tcp://w1"] and client.waited == 1  # type: ignore[arg-type]
+    assert live_workers(client) == ["tcp://w0", "tcp://w1"] and client.waited == 1  # type: ignore[arg-type]
 
 
 def test_a_block_already_placed_elsewhere_moves_to_the_new_placement(dask_client: Client) -> None:

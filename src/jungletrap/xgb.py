@@ -53,6 +53,7 @@ __all__ = [
     "fold_workers",
     "futures_array",
     "kept_blocks",
+    "live_workers",
     "place_rows",
     "load_feature_matrix",
     "predict_xgb_models",
@@ -97,7 +98,7 @@ def load_feature_matrix(client: Client, features_dir: RunPath, *, features: list
     ids = [read_table(p, columns=[VIDEO_ID]).column(0).to_pylist() for p in parts]
     blocks = [da.from_delayed(dask.delayed(_read_part_matrix)(p, features), shape=(len(i), len(features)),
                               dtype=np.float32) for p, i in zip(parts, ids, strict=True) if i]
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = live_workers(client)
     # Spread the parts over the workers round-robin: every worker gets rows to train on.
     placed = [workers[i % len(workers)] for i in range(len(blocks))]
     persisted = [client.persist(b, workers=[w]) for b, w in zip(blocks, placed, strict=True)]
@@ -178,16 +179,23 @@ def take_rows(X: da.Array, mask: np.ndarray) -> da.Array:
 WAIT_FOR_A_WORKER_S = 120.0
 
 
+def live_workers(client: Client) -> list[str]:
+    """The connected workers, sorted; when none is (all lost, or restarted by their nannies after the previous
+    stage), wait up to ``WAIT_FOR_A_WORKER_S`` for one rather than fail on an empty list."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if not workers:
+        client.wait_for_workers(1, timeout=WAIT_FOR_A_WORKER_S)
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return workers
+
+
 def fold_workers(client: Client, n_rows: int, cfg: XGBConfig) -> list[str]:
     """The workers a fold trains on: as many as get ``cfg.min_rows_per_worker`` of its ``n_rows`` each, at least one.
 
     Asked per fold, so a fold after a lost worker is placed on the workers alive then (its ``DaskDMatrix`` es are
     built from that placement).
     """
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if not workers:  # every worker is being replaced (lost, or restarted by its nanny): wait for one
-        client.wait_for_workers(1, timeout=WAIT_FOR_A_WORKER_S)
-        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = live_workers(client)
     return workers[: max(1, min(len(workers), n_rows // cfg.min_rows_per_worker))]
 
 
