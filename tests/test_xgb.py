@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import xgboost as xgb
-from distributed import Client, wait
+from distributed import Client, get_task_stream, wait
 
 from jungletrap.catalog import fold_masks
 from jungletrap.config import XGBConfig
@@ -162,7 +162,11 @@ def test_folds_cover_every_training_row_once_and_saved_models_reproduce(dask_cli
     truth = y[:100]
     prior = np.tile(truth.mean(axis=0), (100, 1))
     assert mean_log_loss(truth, oof.loc[ids[:100], list(CLASS_NAMES)].to_numpy()) < mean_log_loss(truth, prior)
-    again = predict_xgb_models(dask_client, models, features)
+    with get_task_stream(client=dask_client) as stream:
+        again = predict_xgb_models(dask_client, models, features)
+    # Predict holds one part per task, never a share of the whole table (no xgboost.dask matrix over it).
+    keys = [str(t["key"]) for t in stream.data]
+    assert all(k.startswith("xgb-predict-") for k in keys) and len(keys) == len(list(features.glob("part-*")))
     test = result["test"].set_index(VIDEO_ID)
     np.testing.assert_allclose(again.loc[test.index].to_numpy(), test.to_numpy(), rtol=1e-5, atol=1e-7)
     assert sorted(p.name for p in models.iterdir()) == ["features.json", "fold0.ubj", "fold1.ubj", "fold2.ubj"]

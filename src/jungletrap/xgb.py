@@ -37,12 +37,13 @@ from dask.highlevelgraph import HighLevelGraph
 from distributed import Client, Future, futures_of
 
 from jungletrap.catalog import fold_masks
-from jungletrap.cluster import relax_malloc_trim
+from jungletrap.cluster import relax_malloc_trim, worker_nthreads
 from jungletrap.config import XGBConfig
 from jungletrap.metrics import mean_log_loss
 from jungletrap.schema import CLASS_NAMES, ERROR, SPLIT_TEST, SPLIT_TRAIN, STATUS, VIDEO_ID
 from jungletrap.stopping import refit_count, stopping_mask
 from jungletrap.storage import RunPath, is_remote, read_schema, read_table, write_bytes_atomic, write_json_atomic
+from jungletrap.tasks import results_as_completed
 
 XGBResult = dict[str, Any]
 
@@ -445,14 +446,61 @@ def train_xgb_folds(
 
 
 def predict_xgb_models(client: Client, models_dir: RunPath, features_dir: RunPath) -> pd.DataFrame:
-    """Average the saved fold boosters' probabilities over a feature table (the predict path)."""
+    """Average the saved fold boosters' probabilities over a feature table (the predict path), part by part;
+    indexed by ``video_id``, sorted.
+
+    One task per feature part reads it, scores it with every fold's booster and returns its clips' probabilities:
+    a worker holds one part and the boosters, never a share of the whole table (scoring through ``xgboost.dask``
+    over the persisted matrix grew predict's worker peak by 26 % from 2,000 to 20,000 clips). The boosters go to
+    each worker once and are loaded once per worker process.
+    """
     spec = json.loads((models_dir / "features.json").read_text(encoding="utf-8"))
-    matrix = load_feature_matrix(client, features_dir, features=spec["features"])
-    lazy = []
-    for fold in spec["folds"]:
-        booster = xgb.Booster()
-        booster.load_model(bytearray((models_dir / f"fold{fold['fold']}.ubj").read_bytes()))
-        lazy.append(_predict(client, booster, matrix.X, np.asarray(fold["margin"], np.float32),
-                             fold.get("rounds", fold.get("best_iteration"))))  # older runs: best_iteration
-    probas = client.compute(lazy, sync=True)
-    return _frame(matrix.video_ids, np.mean(probas, axis=0)).set_index(VIDEO_ID)
+    parts = sorted(features_dir.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no feature parts in {features_dir}: run the features stage first")
+    folds = [((models_dir / f"fold{fold['fold']}.ubj").read_bytes(), np.asarray(fold["margin"], np.float32),
+              int(fold.get("rounds", fold.get("best_iteration"))))  # older runs: best_iteration
+             for fold in spec["folds"]]
+    boosters = client.scatter(BoosterSet(tokenize([raw for raw, _, _ in folds]), folds), broadcast=True,
+                              hash=False)
+    token = tokenize(str(features_dir), boosters.key)
+    futures = client.map(score_part, parts, features=spec["features"], boosters=boosters,
+                         key=[f"xgb-predict-{p.stem}-{token}" for p in parts], pure=False)
+    frames = list(results_as_completed(client, futures))  # completion order: sorted by clip below
+    return pd.concat(frames, ignore_index=True).set_index(VIDEO_ID).sort_index()
+
+
+@dataclass(frozen=True)
+class BoosterSet:
+    """The fold boosters of a run as bytes, with their prior margins and rounds; ``token`` names the set."""
+
+    token: str
+    folds: list[tuple[bytes, np.ndarray, int]]
+
+
+_LOADED: dict[str, list[xgb.Booster]] = {}
+
+
+def _loaded(boosters: BoosterSet) -> list[xgb.Booster]:
+    """This worker process's boosters for the set, loaded on its first part (a dict of one: runs predict alone)."""
+    if boosters.token not in _LOADED:
+        _LOADED.clear()
+        loaded = []
+        for raw, _, _ in boosters.folds:
+            booster = xgb.Booster()
+            booster.load_model(bytearray(raw))
+            booster.set_param({"nthread": worker_nthreads(default=1)})
+            loaded.append(booster)
+        _LOADED[boosters.token] = loaded
+    return _LOADED[boosters.token]
+
+
+def score_part(path: RunPath, *, features: list[str], boosters: BoosterSet) -> pd.DataFrame:
+    """Dask task: the fold boosters' mean probabilities for one feature part's clips."""
+    ids = np.array(read_table(path, columns=[VIDEO_ID]).column(0).to_pylist(), dtype=object)
+    x = _read_part_matrix(path, features)
+    if not len(x):
+        return _frame(ids, np.zeros((0, len(CLASS_NAMES))))
+    probas = [booster.inplace_predict(x, iteration_range=(0, rounds), base_margin=_margin_block(x, margin))
+              for booster, (_, margin, rounds) in zip(_loaded(boosters), boosters.folds, strict=True)]
+    return _frame(ids, np.mean(probas, axis=0))
