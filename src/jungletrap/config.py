@@ -180,6 +180,8 @@ class EmbedConfig(_Section):
         if self.backbones and "backbone" in self.model_fields_set and self.backbone != self.backbones[0]:
             raise ValueError(f"backbone {self.backbone!r} and backbones {self.backbones} disagree: give only "
                              "backbones (its first entry is the main one), or backbone alone")
+        if self.backbones:  # the main backbone is the list's first, wherever ``backbone`` is read
+            self.__dict__["backbone"] = self.backbones[0]  # not setattr: that would validate this model again
         names = self.backbone_names
         if isinstance(self.weights, str) and self.weights != "random" and len(names) > 1:
             raise ValueError(f"weights {self.weights!r} cannot serve several backbones {names}: give a mapping "

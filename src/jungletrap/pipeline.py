@@ -40,7 +40,7 @@ from jungletrap.manifest import Manifest
 from jungletrap.report import write_report
 from jungletrap.schema import SPLIT, SPLIT_TRAIN, VIDEO_ID
 from jungletrap.storage import RunPath, file_stamp, is_remote, read_parquet, run_path, write_bytes_atomic
-from jungletrap.train import embed_dir, run_train
+from jungletrap.train import embed_dir, embed_dirs, run_train
 from jungletrap.udfs.embed import EMBED_SCHEMA_VERSION
 from jungletrap.udfs.features import FEATURE_SET_VERSION
 
@@ -229,7 +229,7 @@ def _catalog(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 
 def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
-    out = embed_dir(ctx.cfg, ctx.run_dir)
+    out = embed_dirs(ctx.cfg, ctx.run_dir)
     progress = EmbedProgress(check=lambda: ctx.check_cancelled("during embed"))
     try:
         counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=progress,
@@ -239,7 +239,7 @@ def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
         progress.close()
     log.info("embed: %d embedded, %d skipped (already done), %d failed, %d with a warning (all parts)",
              counts["embedded"], counts["skipped"], counts["failed"], counts["warnings"])
-    return counts, [str(out.relative_to(ctx.run_dir))]
+    return counts, [str(d.relative_to(ctx.run_dir)) for d in out.values()]  # the main backbone's first
 
 
 def _features(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
