@@ -154,7 +154,7 @@ def read_clip_sizes(
         raise ValueError("read_clip_sizes needs at least one size")
     sample_times(0.0, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)  # validate up front
     budget = _Budget(_source_name(path), timeout_s)
-    sizes = tuple(dict.fromkeys(int(s) for s in sizes))
+    sizes = tuple(dict.fromkeys(sizes))
     with _opened(path) as (container, size_bytes):
         info = _container_info(container, _video_stream(container, budget.name), size_bytes)
         duration = info.duration_s
