@@ -27,7 +27,7 @@ POOLED = [f"emb_mean_{d:04d}" for d in range(12)]
 
 
 def _fit(train: pd.DataFrame) -> FeatureTransform:
-    return fit_feature_transform(train, pca_columns=POOLED, pca_components=4, max_rows=1000, seed=0)
+    return fit_feature_transform(train, pca_columns={"emb_": POOLED}, pca_components=4, max_rows=1000, seed=0)
 
 
 def test_fit_uses_training_rows_only() -> None:
