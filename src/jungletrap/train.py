@@ -151,13 +151,13 @@ def run_train(client: Client, cfg: JobConfig, run_dir: RunPath, *, gpu: bool = F
     catalog = read_parquet(run_dir / CATALOG_NAME)
     train_ids = set(catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, VIDEO_ID])
     summary: dict[str, Any] = {}
-    heads: dict[str, list[Future]] = {}
+    heads: dict[str, list[Future]] | None = None  # every head's fold tasks, submitted at the first head
     for model in model_names(cfg):
         log.info("train: %s over %d folds", model, cfg.catalog.n_folds)
         if model == "xgb":
             result = _train_xgb(client, cfg, run_dir, catalog, gpu)
         else:
-            if not heads:  # the first head: submit every head's folds, so they share the cluster
+            if heads is None:  # submit every head's folds at once, so they share the cluster
                 heads = {m: _submit_head(client, cfg, run_dir, gpu, m, b) for m, b in head_backbones(cfg).items()}
             result = _head_result(client, heads.pop(model))
         oof = result["oof"]
