@@ -180,7 +180,7 @@ def test_part_tasks_run_again_return_the_part_already_written(
     assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2
     written = _stamp(out)
     assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2 and _stamp(out) == written
-    transform = FeatureTransform({}, [], [], [])
+    transform = FeatureTransform({})
     assert transform_part(out, transform, "t1") == 2 and _stamp(out) != written
     written = _stamp(out)
     assert transform_part(out, transform, "t1") == 2 and _stamp(out) == written

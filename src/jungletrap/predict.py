@@ -5,6 +5,10 @@ invocation's values): the sampling and backbone from the embedding parts' metada
 feature parts' metadata and ``models/features.json``. The run directory is checked first
 (:func:`jungletrap.lineage.verify_run`): one whose files are not those its manifest recorded is refused.
 
+A run with several backbones embeds the new clips with each of them (``<work>/embeddings/<backbone>/``), makes
+the same feature table (every backbone's pooled columns) and scores them with every model the blend uses:
+``xgb``, ``head`` (the main backbone's) and ``head_<backbone>`` for each other one.
+
 Intermediate artifacts go under ``<run>/predict/<inputs-hash>/`` (so a repeated call reuses its embeddings);
 the result has one row per input file: ``filename``, the 24 probabilities, ``top_label``, ``status`` and
 ``error``. A broken file keeps its row, with the reason and empty probabilities.
@@ -50,12 +54,13 @@ from jungletrap.storage import (
     run_path,
     write_text_atomic,
 )
+from jungletrap.train import HEAD, head_model_name
 from jungletrap.train_head import predict_head_models
 from jungletrap.udfs.features import FEATURE_SET_VERSION
 from jungletrap.weights import ResolvedWeights
 from jungletrap.xgb import predict_xgb_models
 
-__all__ = ["predict_videos", "list_videos", "trained_settings", "RunMismatch"]
+__all__ = ["predict_videos", "list_videos", "score_embedded", "trained_settings", "RunMismatch"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,11 @@ def trained_settings(run_dir: RunPath, cfg: JobConfig) -> tuple[EmbedConfig, Fea
                           f"this version computes {FEATURE_SET_VERSION}: predict with the version that trained it")
     if features.get("embed_result_hash", meta.get("result_hash")) != meta.get("result_hash"):
         raise RunMismatch(f"{run_dir / FEATURES_DIR}: made from other embeddings than those in {parts[0].parent}")
+    others = {name: info.get("embed_result_hash") for name, info in features.get("other_backbones", {}).items()}
+    if others != {n: m.get("result_hash") for n, m in zip(names[1:], metas[1:], strict=True)}:
+        raise RunMismatch(f"{run_dir / FEATURES_DIR}: made from the backbones {[names[0], *others]}, but the run's "
+                          f"embed stage holds {names} (or other embeddings of them): run the stages after embed "
+                          "again before predicting")
     pooled = FeaturesConfig.model_validate({**cfg.features.model_dump(), "pooling": features["pooling"],
                                             "pca_components": features["pca_components"]})
     return embed, pooled
@@ -147,9 +157,35 @@ def _xgb_proba(client: Client, run_dir: RunPath, features_dir: RunPath, index: p
     return predict_xgb_models(client, run_dir / "models" / "xgb", features_dir).loc[index]
 
 
-def _head_proba(run_dir: RunPath, embed_dir: RunPath, features_dir: RunPath, index: pd.Index) -> pd.DataFrame:
-    """The fold heads' mean probabilities, streamed from the parts (one part and one batch in memory at a time)."""
-    return predict_head_models(run_dir / "models" / "head", embed_dir, features_dir).loc[index]
+def _head_proba(run_dir: RunPath, embed_dir: RunPath, features_dir: RunPath, index: pd.Index, *,
+                model: str = HEAD) -> pd.DataFrame:
+    """The fold heads' mean probabilities, streamed from the parts (one part and one batch in memory at a time);
+    ``embed_dir`` holds the embeddings of the backbone ``model`` was trained on."""
+    return predict_head_models(run_dir / "models" / model, embed_dir, features_dir).loc[index]
+
+
+def score_embedded(client: Client, run_dir: RunPath, embed_dirs: Mapping[str, RunPath], work: RunPath,
+                   features_cfg: FeaturesConfig, index: pd.Index) -> pd.DataFrame:
+    """The run's clipped blend over clips already embedded with every backbone of the run (``embed_dirs``, the
+    main one first): their features (``<work>/features``, the run's fitted transform), then each model the
+    blender uses, one at a time."""
+    main = next(iter(embed_dirs))
+    heads = {head_model_name(b, main): d for b, d in embed_dirs.items()}
+    blender = json.loads((run_dir / ENSEMBLE_MODEL).read_text(encoding="utf-8"))
+    unknown = [m for m in blender["models"] if m != "xgb" and m not in heads]
+    if unknown:
+        raise RunMismatch(f"{run_dir}: the blend uses {unknown}, made from backbones not among {list(embed_dirs)}")
+    features_dir = work / FEATURES_DIR
+    build_features(client, embed_dirs, features_dir, features_cfg, transform_path=run_dir / FEATURE_TRANSFORM)
+
+    def proba(model: str) -> pd.DataFrame:
+        if model == "xgb":
+            return _xgb_proba(client, run_dir, features_dir, index)
+        return _head_proba(run_dir, heads[model], features_dir, index, model=model)
+
+    blended = blend_frames(blender, [proba(m) for m in blender["models"]])
+    clip = float(blender["clip"])
+    return blended.clip(clip, 1 - clip)
 
 
 def predict_videos(
@@ -184,16 +220,9 @@ def predict_videos(
     embed_catalog(client, work / "catalog.parquet", embed_dirs, embed_cfg, gpu=cluster_has_gpu(client),
                   storage_options=options)
     _check_same_embedder(run_dir, embed_dirs)
-    embed_dir = embed_dirs[embed_cfg.backbone_names[0]]
-    build_features(client, embed_dir, work / "features", features_cfg, transform_path=run_dir / FEATURE_TRANSFORM)
     index = pd.Index(catalog[VIDEO_ID])
-    per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
-                 "head": lambda: _head_proba(run_dir, embed_dir, work / "features", index)}
-    blender = json.loads((run_dir / ENSEMBLE_MODEL).read_text(encoding="utf-8"))
-    proba = blend_frames(blender, [per_model[m]() for m in blender["models"]])
-    clip = float(blender["clip"])
-    proba = proba.clip(clip, 1 - clip)
-    status = read_parquet(work / "features", columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
+    proba = score_embedded(client, run_dir, embed_dirs, work, features_cfg, index)
+    status = read_parquet(work / FEATURES_DIR, columns=[VIDEO_ID, STATUS, ERROR]).set_index(VIDEO_ID).loc[index]
     result = _result(catalog, proba, status, proba_threshold)
     if out is not None:
         write_text_atomic(result.to_csv(index=False, float_format="%.6g"), run_path(out, options))
