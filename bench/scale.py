@@ -115,23 +115,17 @@ def _train_one(client: Any, run_dir: Path, cfg: Any, metrics: dict[str, Any]) ->
 
 
 def _predict(client: Any, run_dir: Path, cfg: Any) -> None:
-    """``predict_videos`` after its embed step, over every clip of the run."""
+    """``predict_videos`` after its embed step, over every clip of the run (every backbone's embeddings)."""
     import pandas as pd
 
-    from jungletrap.ensemble import ENSEMBLE_MODEL, blend_frames
-    from jungletrap.features import FEATURE_TRANSFORM, build_features
-    from jungletrap.predict import _head_proba, _xgb_proba
+    from jungletrap.predict import score_embedded
     from jungletrap.schema import VIDEO_ID
     from jungletrap.storage import read_parquet
-    from jungletrap.train import embed_dir
+    from jungletrap.train import embed_dirs
 
-    work, embeddings = run_dir / "predict" / "bench", embed_dir(cfg, run_dir)
-    build_features(client, embeddings, work / "features", cfg.features, transform_path=run_dir / FEATURE_TRANSFORM)
     index = pd.Index(read_parquet(run_dir / "catalog.parquet", columns=[VIDEO_ID])[VIDEO_ID])
-    per_model = {"xgb": lambda: _xgb_proba(client, run_dir, work / "features", index),
-                 "head": lambda: _head_proba(run_dir, embeddings, work / "features", index)}
-    blender = json.loads((run_dir / ENSEMBLE_MODEL).read_text(encoding="utf-8"))
-    proba = blend_frames(blender, [per_model[m]() for m in blender["models"]])
+    proba = score_embedded(client, run_dir, embed_dirs(cfg, run_dir), run_dir / "predict" / "bench", cfg.features,
+                           index)
     assert len(proba) == len(index)
 
 

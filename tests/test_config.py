@@ -133,3 +133,14 @@ def test_micro_variant_needs_the_placeholder() -> None:
         load_config(CONF / "demo.yaml", ["data.variant=micro"])
     cfg = load_config(CONF / "primatrix.yaml", ["data.variant=micro"])
     assert cfg.data.videos_root() == "/data/primatrix/micro"
+
+
+def test_backbones_alone_make_their_first_the_main_one_and_a_saved_config_loads_again(tmp_path: Path) -> None:
+    from jungletrap.config import save_config
+
+    cfg = JobConfig.model_validate({"embed": {"backbones": ["efficientnet_lite1", "efficientnet_lite2"]}})
+    assert cfg.embed.backbone == "efficientnet_lite1"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").embed == cfg.embed
+    with pytest.raises(ValueError, match="disagree"):
+        JobConfig.model_validate({"embed": {"backbone": "efficientnet_lite0", "backbones": ["efficientnet_lite1"]}})

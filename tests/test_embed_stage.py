@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from distributed import Client
+from distributed import Client, get_task_stream
 from jungletrap.udfs.embed import EMBED_SCHEMA
 
 from jungletrap.catalog import catalog_from_paths, write_catalog
@@ -180,8 +180,90 @@ def test_part_tasks_run_again_return_the_part_already_written(
     assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2
     written = _stamp(out)
     assert features_part(part, out, embed_dim=64, pooling=["mean"], metadata=meta) == 2 and _stamp(out) == written
-    transform = FeatureTransform({}, [], [], [])
+    transform = FeatureTransform({})
     assert transform_part(out, transform, "t1") == 2 and _stamp(out) != written
     written = _stamp(out)
     assert transform_part(out, transform, "t1") == 2 and _stamp(out) == written
     assert transform_part(out, transform, "t2") == 2 and _stamp(out) != written  # another transform: applied
+
+
+# -- several backbones, one decode ----------------------------------------------------------------------------------
+
+#: Two backbones at different input sizes (64 and 224 px): a cheap one and a real one, 2 frames a clip.
+TWO = EmbedConfig(backbones=["tiny_cnn", "efficientnet_lite0"], n_frames=2, batch_size=16, decode_processes=0)
+
+
+def _embed_tasks(stream: list[dict[str, object]]) -> set[str]:
+    """The partition tasks in a task stream (not the counting of parts already complete)."""
+    return {str(t["key"]) for t in stream
+            if str(t["key"]).startswith("embed-") and not str(t["key"]).startswith("embed-count")}
+
+
+def _dirs(root: Path, cfg: EmbedConfig) -> dict[str, Path]:
+    return {name: root / name for name in cfg.backbone_names}
+
+
+def test_one_decode_feeds_every_backbone_and_each_gets_what_it_gets_alone(
+    corpus: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jungletrap import decoding
+    from jungletrap.udfs.embed import embed_partition, embed_partition_backbones
+
+    root, extra = corpus
+    rows = pd.read_parquet(_catalog(tmp_path, root, extra, per_partition=50))
+    decodes: list[tuple[str, tuple[int, ...]]] = []
+    real = decoding.read_clip_sizes
+
+    def counting(source: object, **kwargs: object) -> object:
+        decodes.append((str(getattr(source, "name", source)), tuple(kwargs["sizes"])))  # type: ignore[arg-type]
+        return real(source, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decoding, "read_clip_sizes", counting)  # decode_processes=0: decoded in this process
+    settings = [embed_settings(TWO, name) for name in TWO.backbone_names]
+    together = embed_partition_backbones(rows, settings=settings)
+    assert len(decodes) == len(rows) and len({name for name, _ in decodes}) == len(rows)  # each clip once
+    assert all(sizes == (64, 224) for _, sizes in decodes)
+    decodes.clear()
+    for one, frame in zip(settings, together, strict=True):
+        alone = embed_partition(rows, settings=one)
+        pd.testing.assert_frame_equal(frame.drop(columns=["embedding"]), alone.drop(columns=["embedding"]))
+        assert all(np.array_equal(a, b) for a, b in zip(frame["embedding"], alone["embedding"], strict=True))
+    assert len(decodes) == 2 * len(rows)  # alone: one decode per backbone
+    assert together[0]["status"].tolist() == together[1]["status"].tolist()
+    ok = together[1]["status"] == "ok"
+    assert [len(e) for e in together[1].loc[ok, "embedding"]] == [1280 * n for n in together[1].loc[ok, "n_frames"]]
+
+
+def test_adding_a_backbone_embeds_only_the_new_one_and_leaves_existing_parts_untouched(
+    dask_client: Client, corpus: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, extra = corpus
+    catalog = _catalog(tmp_path, root, extra, per_partition=3)
+    one = TWO.model_copy(update={"backbones": None, "backbone": "tiny_cnn"})
+    first = embed_catalog(dask_client, catalog, _dirs(tmp_path / "emb", one), one)
+    tiny_parts = sorted((tmp_path / "emb" / "tiny_cnn").glob("part-*.parquet"))
+    before = {p.name: (_stamp(p), p.read_bytes()) for p in tiny_parts}
+
+    with get_task_stream(client=dask_client) as stream:
+        added = embed_catalog(dask_client, catalog, _dirs(tmp_path / "emb", TWO), TWO)
+    assert {p.name: (_stamp(p), p.read_bytes()) for p in tiny_parts} == before  # not rewritten, not touched
+    lite = sorted((tmp_path / "emb" / "efficientnet_lite0").glob("part-*.parquet"))
+    assert [p.name for p in lite] == list(before)
+    assert added["embedded"] == first["embedded"] and added["skipped"] == 0 and added["failed"] == first["failed"]
+    assert len(_embed_tasks(stream.data)) == len(lite)  # one task per partition: both backbones would be one decode, here only lite0
+    assert all(read_embedding_meta(p)["backbone"] == "efficientnet_lite0" for p in lite)
+
+    # The same datasets as a clean run of both backbones at once (each partition: one task, one decode).
+    clean = tmp_path / "clean"
+    with get_task_stream(client=dask_client) as stream:
+        embed_catalog(dask_client, catalog, _dirs(clean, TWO), TWO)
+    assert len(_embed_tasks(stream.data)) == len(lite)
+    for name in TWO.backbone_names:
+        pd.testing.assert_frame_equal(_read_all(clean / name), _read_all(tmp_path / "emb" / name))
+    again = embed_catalog(dask_client, catalog, _dirs(tmp_path / "emb", TWO), TWO)
+    assert again["embedded"] == 0 and again["skipped"] == first["videos"]
+
+
+def test_several_backbones_need_a_directory_each() -> None:
+    with pytest.raises(ValueError, match="one output directory each"):
+        embed_catalog(None, Path("catalog.parquet"), Path("emb"), TWO)  # type: ignore[arg-type]

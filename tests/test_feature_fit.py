@@ -27,7 +27,7 @@ POOLED = [f"emb_mean_{d:04d}" for d in range(12)]
 
 
 def _fit(train: pd.DataFrame) -> FeatureTransform:
-    return fit_feature_transform(train, pca_columns=POOLED, pca_components=4, max_rows=1000, seed=0)
+    return fit_feature_transform(train, pca_columns={"emb_": POOLED}, pca_components=4, max_rows=1000, seed=0)
 
 
 def test_fit_uses_training_rows_only() -> None:
@@ -93,3 +93,17 @@ def test_fit_rows_are_picked_by_lookup_not_a_scan_of_every_id_per_part(tmp_path:
     picked = _fit_frame(parts, fit_ids, ["width", "size_bytes"], None)
     assert picked[VIDEO_ID].tolist() == [f"v{i:03d}.mp4" for i in range(0, 40, 2)]
     assert picked["size_bytes"].tolist() == frame["size_bytes"].iloc[::2].tolist()
+
+
+def test_a_transform_saved_before_one_pca_per_backbone_loads_and_applies_the_same(tmp_path: Path) -> None:
+    import json
+
+    transform = _fit(_table(120, 5))
+    (pca,) = transform.pca
+    legacy = {"group_medians": transform.group_medians, "pca_columns": pca.columns, "pca_mean": pca.mean,
+              "pca_components": pca.components}  # models/features.json as runs wrote it before
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    loaded = FeatureTransform.load(tmp_path / "old.json")
+    assert loaded == transform and pca.output_names()[0] == "emb_pca_000"
+    rows = _table(4, 6)
+    pd.testing.assert_frame_equal(apply_feature_transform(rows, loaded), apply_feature_transform(rows, transform))

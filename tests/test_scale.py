@@ -123,6 +123,28 @@ def test_pipeline_runs_from_demo_embeddings_through_the_cli(tmp_path: Path) -> N
     assert metrics["oof"]["blend"]["mean_log_loss"] < metrics["prior_baseline_oof"]["mean_log_loss"]
 
 
+@pytest.mark.slow
+def test_pipeline_runs_from_a_two_backbone_demo_embeddings_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "rehearsal"
+    both = "--backbones", "tiny_cnn,efficientnet_lite0"
+    refused = _cli("demo-embeddings", "--out", str(out), "--n", "100", "--dim", "64", *both, cwd=tmp_path)
+    assert refused.returncode == 2 and "--dim or --backbones" in refused.stderr
+    made = _cli("demo-embeddings", "--out", str(out), "--n", "100", "--frames", "4", *both, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert load_config(out / "config.yaml").embed.backbone_names == ["tiny_cnn", "efficientnet_lite0"]
+    run = _cli("run", "--config", str(out / "config.yaml"), "--set", "train.xgb.n_estimators=8",
+               "--set", "train.head.epochs=1", "--set", "train.head.hidden=8", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "embed: already done" in run.stderr
+    columns = pq.read_schema(out / "features" / "part-00000.parquet").names
+    assert "emb_mean_0063" in columns and "emb_efficientnet_lite0_max_1279" in columns
+    submission = pd.read_csv(out / "submission.csv")
+    assert list(submission["filename"]) == list(pd.read_csv(out / "submission_format.csv")["filename"])
+    metrics = pd.read_json(out / "metrics.json", typ="series")
+    assert metrics["models"] == ["xgb", "head", "head_efficientnet_lite0"]
+    assert metrics["oof"]["blend"]["mean_log_loss"] < metrics["prior_baseline_oof"]["mean_log_loss"]
+
+
 def test_a_task_that_outgrows_its_worker_fails_naming_the_stage_and_the_limit() -> None:
     cfg = ClusterConfig(kind="cpu", n_workers=1, memory_limit="400MiB")
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}), open_client(cfg) as (client, _):

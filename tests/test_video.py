@@ -15,7 +15,15 @@ from av.video.frame import PictureType
 
 from jungletrap import video as video_module
 from jungletrap.schema import CONTAINER_COLUMNS, SIZE_BYTES, WARNING
-from jungletrap.video import ClipInfo, VideoDecodeError, clip_info, letterbox_box, read_clip, sample_times
+from jungletrap.video import (
+    ClipInfo,
+    VideoDecodeError,
+    clip_info,
+    letterbox_box,
+    read_clip,
+    read_clip_sizes,
+    sample_times,
+)
 
 from .conftest import real_video_paths
 
@@ -126,6 +134,17 @@ def test_real_clip_gives_one_frame_per_real_second(path: Path) -> None:
     assert frames[:, :top].max() == 0 and frames[:, top + h :].max() == 0, "letterbox bands must be black"
     assert frames[:, top : top + h].mean() > 20, "picture missing"
     assert info.warning is None, "a whole clip must not be reported as truncated"
+
+
+@pytest.mark.parametrize("path", real_video_paths()[:3], ids=lambda p: p.name)
+def test_one_decode_at_several_sizes_gives_each_size_as_its_own_decode(path: Path) -> None:
+    """Several backbones share a decode: each size's frames must be exactly what a decode at that size gives."""
+    frames, info = read_clip_sizes(path, sample_fps=3, max_seconds=15, sizes=(224, 64, 260))
+    assert list(frames) == [224, 64, 260]
+    for size, got in frames.items():
+        alone, alone_info = read_clip(path, sample_fps=3, max_seconds=15, size=size)
+        assert got.shape == alone.shape and np.array_equal(got, alone), size
+        assert alone_info == info
 
 
 def test_real_clip_quirks() -> None:

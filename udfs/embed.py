@@ -6,14 +6,18 @@ runtime and input size, and reused for every partition that worker runs. Clips d
 inference in the worker's decoder processes (:mod:`jungletrap.decoding`), so the model thread runs nothing but
 the model; frames of several videos are batched together up to ``batch_size``.
 A broken video never raises out of the partition: it becomes a row with ``status="error"`` and the reason.
+
+Several backbones (``embed.backbones``): :func:`embed_partition_backbones` decodes each clip once, letterboxed at
+every backbone's input size in the same pass (:func:`jungletrap.video.read_clip_sizes`), and runs each backbone
+on its own frames; each backbone's rows are exactly what :func:`embed_partition` gives for it alone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,7 @@ __all__ = [
     "EmbedSettings",
     "LoadedModel",
     "embed_partition",
+    "embed_partition_backbones",
     "model_builds",
     "pixel_stats",
     "resolve_device",
@@ -208,54 +213,94 @@ def embed_partition(rows: pd.DataFrame, *, settings: EmbedSettings,
 
     ``storage_options`` (fsspec) open remote clips (``s3://...``) as file objects; local paths need none.
     """
-    spec = get_spec(settings.backbone)
-    runtime, device = runtime_for(settings, resolve_device(settings.device))
-    model = _model(spec, settings, device, runtime)
-    _check_pinned(model, settings)
-    size = settings.input_size or spec.input_size
-    records: list[dict[str, Any]] = [_error_record(r, "not processed") for _, r in rows.iterrows()]
-    buffer: list[tuple[int, np.ndarray]] = []
+    return embed_partition_backbones(rows, settings=[settings], storage_options=storage_options)[0]
 
-    def flush() -> None:
-        if not buffer:
+
+#: Settings every backbone of one decode must share (the sampling, the decoders, where the models run).
+SHARED_KEYS = ("sample_fps", "max_seconds", "n_frames", "device", "runtime", "decode_timeout_s", "prefetch_videos",
+               "decode_threads", "decode_processes", "codec_threads")
+
+
+@dataclass
+class _Backbone:
+    """One backbone's model, input size, output rows and the frames waiting for its next forward pass."""
+
+    settings: EmbedSettings
+    spec: BackboneSpec
+    model: LoadedModel
+    size: int
+    records: list[dict[str, Any]]
+    buffer: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    def flush(self, device: str) -> None:
+        if not self.buffer:
             return
-        feats = _run_model(model, spec, np.concatenate([f for _, f in buffer]), settings, device)
+        feats = _run_model(self.model, self.spec, np.concatenate([f for _, f in self.buffer]), self.settings, device)
         offset = 0
-        for pos, frames in buffer:
+        for pos, frames in self.buffer:
             n = len(frames)
-            records[pos][EMBEDDING] = feats[offset : offset + n].astype(np.float16).reshape(-1)  # EMBED_SCHEMA
+            self.records[pos][EMBEDDING] = feats[offset : offset + n].astype(np.float16).reshape(-1)  # EMBED_SCHEMA
             offset += n
-        buffer.clear()
+        self.buffer.clear()
 
-    jobs = [DecodeJob(source=str(path), sample_fps=settings.sample_fps, max_seconds=settings.max_seconds,
-                      n_frames=settings.n_frames, size=size, timeout_s=settings.decode_timeout_s,
-                      codec_threads=settings.codec_threads, storage_options=storage_options)
+
+def embed_partition_backbones(rows: pd.DataFrame, *, settings: Sequence[EmbedSettings],
+                              storage_options: Mapping[str, Any] | None = None) -> list[pd.DataFrame]:
+    """Embed a catalog partition with several backbones from one decode per clip: one frame per backbone, in order.
+
+    Each clip is decoded once and letterboxed at every backbone's input size; a clip that fails is an error row
+    in every frame. The settings must agree on :data:`SHARED_KEYS`.
+    """
+    if not settings:
+        raise ValueError("embed_partition_backbones needs at least one backbone's settings")
+    first = settings[0]
+    differing = [k for k in SHARED_KEYS if any(getattr(s, k) != getattr(first, k) for s in settings)]
+    if differing:
+        raise ValueError(f"backbones decoded together must share {differing}: "
+                         f"{[(s.backbone, [getattr(s, k) for k in differing]) for s in settings]}")
+    runtime, device = runtime_for(first, resolve_device(first.device))
+    nets = []
+    for one in settings:
+        spec = get_spec(one.backbone)
+        model = _model(spec, one, device, runtime)
+        _check_pinned(model, one)
+        nets.append(_Backbone(one, spec, model, one.input_size or spec.input_size,
+                              [_error_record(r, "not processed") for _, r in rows.iterrows()]))
+    batch = batch_size_for(first, device, runtime)
+    jobs = [DecodeJob(source=str(path), sample_fps=first.sample_fps, max_seconds=first.max_seconds,
+                      n_frames=first.n_frames, size=nets[0].size, timeout_s=first.decode_timeout_s,
+                      codec_threads=first.codec_threads, storage_options=storage_options,
+                      more_sizes=tuple(net.size for net in nets[1:]))
             for path in rows[PATH]]
-    processes = decoder_processes_for(settings.decode_processes, device=device,
+    processes = decoder_processes_for(first.decode_processes, device=device,
                                       torch_threads=torch.get_num_threads(), gpus=_gpu_count(device),
                                       threads_per_decoder=THREADS_PER_DECODER[runtime])
-    for pos, clip, error in decode_in_order(jobs, processes=processes, threads=settings.decode_threads,
-                                            ahead=settings.prefetch_videos):
+    for pos, clip, error in decode_in_order(jobs, processes=processes, threads=first.decode_threads,
+                                            ahead=first.prefetch_videos):
         row = rows.iloc[pos]
         if error is not None or clip is None or len(clip.frames) == 0:
-            records[pos] = _error_record(row, error or f"{row[PATH]}: no frame could be decoded")
+            for net in nets:
+                net.records[pos] = _error_record(row, error or f"{row[PATH]}: no frame could be decoded")
             continue
-        records[pos] = _ok_record(row, clip)
-        buffer.append((pos, clip.frames))
-        if sum(len(f) for _, f in buffer) >= batch_size_for(settings, device, runtime):
-            flush()
-    flush()
-    return pd.DataFrame.from_records(records, columns=EMBED_SCHEMA.names)
+        for net in nets:
+            frames, stats = clip.at(net.size)
+            net.records[pos] = _ok_record(row, clip, len(frames), stats)
+            net.buffer.append((pos, frames))
+            if sum(len(f) for _, f in net.buffer) >= batch:
+                net.flush(device)
+    for net in nets:
+        net.flush(device)
+    return [pd.DataFrame.from_records(net.records, columns=EMBED_SCHEMA.names) for net in nets]
 
 
 def _gpu_count(device: str) -> int:
     return torch.cuda.device_count() if device.startswith("cuda") else 0
 
 
-def _ok_record(row: pd.Series, clip: DecodedClip) -> dict[str, Any]:
-    rec: dict[str, Any] = {VIDEO_ID: row[VIDEO_ID], N_FRAMES: len(clip.frames), EMBEDDING: None}
+def _ok_record(row: pd.Series, clip: DecodedClip, n_frames: int, stats: Mapping[str, float]) -> dict[str, Any]:
+    rec: dict[str, Any] = {VIDEO_ID: row[VIDEO_ID], N_FRAMES: n_frames, EMBEDDING: None}
     rec.update({k: v for k, v in clip.info.as_dict().items() if k in EMBED_SCHEMA.names})
-    rec.update(clip.pixel_stats)
+    rec.update(stats)
     rec.update({STATUS: STATUS_OK, ERROR: None})
     return rec
 

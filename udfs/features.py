@@ -4,13 +4,18 @@ Column groups (names are stable; see the README):
 - container: ``size_bytes``, ``bit_rate``, ``width``, ``height``, ``aspect``, ``fps``, ``duration_s``,
   ``declared_frames``, ``decoded_frames``, ``has_audio``, ``bytes_per_second``, ``bytes_per_pixel``;
 - pixel and motion: the embed UDF's ``brightness_mean``, ``saturation_mean``, ``motion_*``;
-- temporal pooling of the frame embeddings: ``emb_<stat>_<dim>`` for each configured statistic.
+- temporal pooling of the frame embeddings: ``emb_<stat>_<dim>`` for each configured statistic (the main
+  backbone), ``emb_<backbone>_<stat>_<dim>`` for each other backbone of a run (:func:`pooled_prefix`).
 Error rows keep their row with NaN features (XGBoost and the head both accept NaN).
+
+With several backbones the container and pixel columns come from the main backbone's part (the others' parts
+have the same rows; their pixel statistics, computed at their own input size, may differ slightly) and each
+other backbone adds only its pooled columns (:func:`pooled_partition`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +31,8 @@ from jungletrap.schema import (
     VIDEO_ID,
 )
 
-__all__ = ["FEATURE_SET_VERSION", "CONTAINER_FEATURES", "features_meta", "features_partition", "pooled_names"]
+__all__ = ["FEATURE_SET_VERSION", "CONTAINER_FEATURES", "features_meta", "features_partition", "pooled_names",
+           "pooled_partition", "pooled_prefix"]
 
 FEATURE_SET_VERSION = "2"
 
@@ -58,14 +64,24 @@ _POOLERS = {
 }
 
 
-def pooled_names(embed_dim: int, pooling: Sequence[str]) -> list[str]:
-    return [f"emb_{stat}_{d:04d}" for stat in pooling for d in range(embed_dim)]
+def pooled_prefix(backbone: str | None = None) -> str:
+    """Prefix of a backbone's pooled (and PCA) columns: ``emb_`` for the main one (``None``), ``emb_<backbone>_``
+    for another: a single-backbone run keeps its names, and a run's other backbones never collide with it."""
+    return "emb_" if backbone is None else f"emb_{backbone}_"
 
 
-def features_meta(embed_dim: int, pooling: Sequence[str]) -> pd.DataFrame:
-    """Empty frame with the output columns and dtypes (the ``meta`` handed to ``map_partitions``)."""
+def pooled_names(embed_dim: int, pooling: Sequence[str], backbone: str | None = None) -> list[str]:
+    """The pooled columns of one backbone (``None``: the main one), statistic-major."""
+    prefix = pooled_prefix(backbone)
+    return [f"{prefix}{stat}_{d:04d}" for stat in pooling for d in range(embed_dim)]
+
+
+def features_meta(embed_dim: int, pooling: Sequence[str], others: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """Empty frame with the output columns and dtypes (the ``meta`` handed to ``map_partitions``): the main
+    backbone's :func:`features_partition`, then each other backbone's pooled columns (``others``: name → width)."""
     cols: dict[str, pd.Series] = {name: pd.Series([], dtype="str") for name in (VIDEO_ID, STATUS, ERROR)}
-    for name in (*CONTAINER_FEATURES, *PIXEL_COLUMNS, *pooled_names(embed_dim, pooling)):
+    pooled = [n for b, dim in (others or {}).items() for n in pooled_names(dim, pooling, b)]
+    for name in (*CONTAINER_FEATURES, *PIXEL_COLUMNS, *pooled_names(embed_dim, pooling), *pooled):
         cols[name] = pd.Series([], dtype=np.float32)
     return pd.DataFrame(cols)
 
@@ -104,3 +120,8 @@ def features_partition(part: pd.DataFrame, *, embed_dim: int, pooling: Sequence[
     ok = (base[STATUS] == STATUS_OK).to_numpy()
     pixels.loc[~ok] = np.nan
     return pd.concat([base, container, pixels, pooled], axis=1)
+
+
+def pooled_partition(part: pd.DataFrame, *, embed_dim: int, pooling: Sequence[str], backbone: str) -> pd.DataFrame:
+    """The pooled embeddings of another (not the main) backbone's part, one row per video in the part's order."""
+    return pd.DataFrame(_pooled(part, embed_dim, pooling), columns=pooled_names(embed_dim, pooling, backbone))

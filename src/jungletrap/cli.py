@@ -231,10 +231,14 @@ def demo_data(
 def demo_embeddings(
     out: Annotated[Path, typer.Option(help="Run directory to create (new or empty).")],
     n: Annotated[int, typer.Option(help="Number of clips (train and test).")],
-    dim: Annotated[int, typer.Option(help="Embedding size: a registered backbone's (1280, 3840 or 64).")] = 1280,
+    dim: Annotated[Optional[int], typer.Option(
+        help="Embedding size: a registered backbone's (1280, 3840 or 64). Default 1280.")] = None,
     frames: Annotated[int, typer.Option(help="Most frames a clip (3 fps x frames/3 s).")] = 45,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     videos_per_partition: Annotated[int, typer.Option(help="Clips per embedding part.")] = 32,
+    backbones: Annotated[Optional[str], typer.Option(
+        help="Several backbones, comma-separated (e.g. efficientnet_lite0,efficientnet_lite1; the first is the "
+             "main one): embeddings for each at its own size, with the same clips and independent noise.")] = None,
     scheduler: SchedOpt = None,
     scheduler_file: SchedFileOpt = None,
 ) -> None:
@@ -244,7 +248,11 @@ def demo_embeddings(
     from jungletrap.synthetic_embeddings import RehearsalSpec, rehearsal_config, write_rehearsal
 
     try:
-        spec = RehearsalSpec(n=n, dim=dim, frames=frames, seed=seed, videos_per_partition=videos_per_partition)
+        if dim is not None and backbones:
+            raise ValueError("give --dim or --backbones, not both (each backbone has its own embedding size)")
+        names = tuple(b.strip() for b in backbones.split(",")) if backbones else None
+        spec = RehearsalSpec(n=n, dim=1280 if dim is None else dim, frames=frames, seed=seed,
+                             videos_per_partition=videos_per_partition, backbones=names)
         cluster = rehearsal_config(out, spec).cluster
         with open_client(cluster, address=scheduler,
                          scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
@@ -254,7 +262,7 @@ def demo_embeddings(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"rehearsal run written to {counts['run_dir']}: {counts['embedded']} clips embedded "
-               f"({counts['backbone']}), {counts['failed']} error rows, {counts['partitions']} parts")
+               f"({', '.join(counts['backbones'])}), {counts['failed']} error rows, {counts['partitions']} parts")
     typer.echo(f"continue from features: jungletrap run --config {counts['run_dir']}/config.yaml")
 
 

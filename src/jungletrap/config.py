@@ -177,9 +177,12 @@ class EmbedConfig(_Section):
     @model_validator(mode="after")
     def _one_list_of_backbones(self) -> EmbedConfig:
         """``backbones`` wins over the ``backbone`` shorthand; both given, ``backbone`` must be its first entry."""
-        if self.backbones and "backbone" in self.model_fields_set and self.backbone != self.backbones[0]:
-            raise ValueError(f"backbone {self.backbone!r} and backbones {self.backbones} disagree: give only "
-                             "backbones (its first entry is the main one), or backbone alone")
+        if self.backbones and self.backbone != self.backbones[0]:
+            if "backbone" in self.model_fields_set:
+                raise ValueError(f"backbone {self.backbone!r} and backbones {self.backbones} disagree: give only "
+                                 "backbones (its first entry is the main one), or backbone alone")
+            # backbone is the main one: a saved config (which writes both keys) must load again
+            object.__setattr__(self, "backbone", self.backbones[0])  # (no validate_assignment round trip)
         names = self.backbone_names
         if isinstance(self.weights, str) and self.weights != "random" and len(names) > 1:
             raise ValueError(f"weights {self.weights!r} cannot serve several backbones {names}: give a mapping "

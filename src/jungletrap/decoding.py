@@ -37,7 +37,7 @@ import numpy as np
 
 from jungletrap.pixels import pixel_stats
 from jungletrap.storage import open_clip
-from jungletrap.video import ClipInfo, VideoDecodeError, read_clip
+from jungletrap.video import ClipInfo, VideoDecodeError, read_clip_sizes
 
 __all__ = [
     "DecodeJob",
@@ -61,7 +61,11 @@ MAX_AUTO_PROCESSES = 32
 
 @dataclass(frozen=True)
 class DecodeJob:
-    """One clip to decode: plain values only, so a decoder process never imports torch to unpickle it."""
+    """One clip to decode: plain values only, so a decoder process never imports torch to unpickle it.
+
+    ``more_sizes``: further square sizes the same sampled frames are letterboxed to (several backbones, one
+    decode); ``size`` is the main one.
+    """
 
     source: str
     sample_fps: float
@@ -71,15 +75,30 @@ class DecodeJob:
     timeout_s: float
     codec_threads: int = 0
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)  # may hold credentials
+    more_sizes: tuple[int, ...] = ()
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((self.size, *self.more_sizes)))
 
 
 @dataclass(frozen=True)
 class DecodedClip:
-    """The sampled frames (T x size x size x 3 uint8), the container facts and the pixel statistics."""
+    """The sampled frames (T x size x size x 3 uint8), the container facts and the pixel statistics, at the
+    job's main size; ``more_sizes`` holds the same frames and their statistics at each further size."""
 
     frames: np.ndarray
     info: ClipInfo
     pixel_stats: dict[str, float]
+    more_sizes: Mapping[int, tuple[np.ndarray, dict[str, float]]] = field(default_factory=dict)
+
+    def at(self, size: int) -> tuple[np.ndarray, dict[str, float]]:
+        """The frames and pixel statistics letterboxed to ``size`` (the main size or one of ``more_sizes``)."""
+        if size in self.more_sizes:
+            return self.more_sizes[size]
+        if len(self.frames) and self.frames.shape[1] != size:
+            raise KeyError(f"clip decoded at {[self.frames.shape[1], *self.more_sizes]}, not at {size}")
+        return self.frames, self.pixel_stats
 
 
 def decode(job: DecodeJob) -> DecodedClip:
@@ -92,12 +111,13 @@ def decode(job: DecodeJob) -> DecodedClip:
     """
     try:
         with open_clip(job.source, job.storage_options) as source:  # a remote clip is read as a file object
-            frames, info = read_clip(source, sample_fps=job.sample_fps, max_seconds=job.max_seconds,
-                                     n_frames=job.n_frames, size=job.size, timeout_s=job.timeout_s,
-                                     threads=job.codec_threads)
+            frames, info = read_clip_sizes(source, sample_fps=job.sample_fps, max_seconds=job.max_seconds,
+                                           n_frames=job.n_frames, sizes=job.sizes, timeout_s=job.timeout_s,
+                                           threads=job.codec_threads)
     except (av.error.FFmpegError, OSError) as err:  # av.error.ValueError etc. are FFmpegErrors too
         raise VideoDecodeError(f"{job.source}: cannot read ({type(err).__name__}: {err})") from None
-    return DecodedClip(frames, info, pixel_stats(frames, info, job.size))
+    more = {size: (frames[size], pixel_stats(frames[size], info, size)) for size in job.sizes if size != job.size}
+    return DecodedClip(frames[job.size], info, pixel_stats(frames[job.size], info, job.size), more)
 
 
 def allow_worker_subprocesses() -> None:

@@ -6,7 +6,10 @@ settings' hash in the file metadata. A part that exists with the same hashes is 
 next run, so an interrupted stage resumes where it stopped and never writes a video twice. The task itself is
 idempotent too (a complete part is returned, not rewritten), and each task's future is released once its
 result is read, so a worker lost late in the stage costs only the partitions it had in flight.
-A part's rows hash covers each clip's stamp (size + version), so a clip replaced under the same name is
+Several backbones (``embed.backbones``) write one dataset each (``embeddings/<backbone>/``); a partition's task
+decodes each clip once for every backbone whose part is not yet complete
+(:func:`jungletrap.udfs.embed.embed_partition_backbones`), so each dataset resumes on its own and adding a
+backbone to a finished run embeds only the new one. A part's rows hash covers each clip's stamp (size + version), so a clip replaced under the same name is
 embedded again; after a change of partition sizes, rows already embedded are copied into the new parts
 (:mod:`jungletrap.embed_reuse`) instead of being decoded again.
 
@@ -20,7 +23,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import asdict, replace
 from typing import Any
@@ -49,7 +52,7 @@ from jungletrap.udfs.embed import (
     EMBED_SCHEMA,
     EMBED_SCHEMA_VERSION,
     EmbedSettings,
-    embed_partition,
+    embed_partition_backbones,
     resolve_device,
     runtime_for,
 )
@@ -57,6 +60,7 @@ from jungletrap.weights import ResolvedWeights, WeightsError, resolve_weights
 
 __all__ = [
     "embed_settings",
+    "embed_settings_all",
     "embed_catalog",
     "pin_weights",
     "read_embedding_meta",
@@ -86,9 +90,11 @@ class TooManyFailures(RuntimeError):
         self.counts = counts
 
 
-def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
+def embed_settings(cfg: EmbedConfig, backbone: str | None = None) -> EmbedSettings:
+    """The UDF's settings for one backbone of ``cfg`` (its main one unless ``backbone`` is named)."""
+    backbone = backbone or cfg.backbone_names[0]
     return EmbedSettings(
-        backbone=cfg.backbone,
+        backbone=backbone,
         sample_fps=cfg.sample_fps,
         max_seconds=cfg.max_seconds,
         n_frames=cfg.n_frames,
@@ -102,8 +108,13 @@ def embed_settings(cfg: EmbedConfig) -> EmbedSettings:
         codec_threads=cfg.codec_threads,
         input_size=cfg.input_size,
         runtime=cfg.runtime,
-        weights=cfg.weights_for(cfg.backbone),
+        weights=cfg.weights_for(backbone),
     )
+
+
+def embed_settings_all(cfg: EmbedConfig) -> list[EmbedSettings]:
+    """Settings for every backbone of ``cfg``, the main one first."""
+    return [embed_settings(cfg, name) for name in cfg.backbone_names]
 
 
 def pin_weights(client: Client, settings: EmbedSettings, *, gpu: bool = False) -> EmbedSettings:
@@ -223,25 +234,37 @@ def count_failures(embed_dir: RunPath) -> int:
     return sum(read_part_summary(p)["failed"] for p in sorted(embed_dir.glob("part-*.parquet")))
 
 
-def embed_catalog_partition(catalog_path: RunPath, partition: int, out_path: RunPath, settings: EmbedSettings,
+def embed_catalog_partition(catalog_path: RunPath, partition: int, out_path: RunPath | Sequence[RunPath],
+                            settings: EmbedSettings | Sequence[EmbedSettings],
                             storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Dask task: read one partition's catalog rows, embed them, write the part atomically; return its counts.
 
-    Idempotent: when the part is already complete for these rows and settings (the task runs again because its
-    worker died after writing it, or another run wrote it), it is not recomputed and its counts are read from
-    the file. ``storage_options`` open remote clips; the worker reads the clips itself, the client never does.
+    With several backbones (``out_path`` and ``settings`` one per backbone, in the same order) each clip is
+    decoded once for every backbone whose part is not complete, and the counts are those of the first part
+    written (every backbone of one decode has the same error rows). Idempotent: a part already complete for
+    these rows and settings (the task runs again because its worker died after writing it, or another run
+    wrote it) is not recomputed; when all are, the counts are read from the first part's file.
+    ``storage_options`` open remote clips; the worker reads the clips itself, the client never does.
     """
+    paths = [out_path] if isinstance(out_path, RunPath | str) else list(out_path)
+    every = [settings] if isinstance(settings, EmbedSettings) else list(settings)
+    if len(paths) != len(every):
+        raise ValueError(f"{len(paths)} output parts for {len(every)} backbones (partition {partition})")
     rows = read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
     rows_hash = _rows_hash(rows)
-    if _is_complete(out_path, _result_hash(settings), rows_hash):
-        return {**read_part_summary(out_path), "reused": True}
-    frame = embed_partition(rows, settings=settings, storage_options=storage_options)
-    if len(frame) != len(rows) or list(frame[VIDEO_ID]) != list(rows[VIDEO_ID]):
-        raise RuntimeError(f"embed UDF returned {len(frame)} rows for {len(rows)} videos (partition {partition})")
-    table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata(_file_metadata(settings, rows_hash, len(frame), _clips(rows)))
-    write_parquet_atomic(table, out_path)
-    return {**_summarize(frame), "reused": False}
+    todo = [i for i, (path, one) in enumerate(zip(paths, every, strict=True))
+            if not _is_complete(path, _result_hash(one), rows_hash)]
+    if not todo:
+        return {**read_part_summary(paths[0]), "reused": True}
+    frames = embed_partition_backbones(rows, settings=[every[i] for i in todo], storage_options=storage_options)
+    for i, frame in zip(todo, frames, strict=True):
+        if len(frame) != len(rows) or list(frame[VIDEO_ID]) != list(rows[VIDEO_ID]):
+            raise RuntimeError(f"embed UDF returned {len(frame)} rows for {len(rows)} videos (partition "
+                               f"{partition}, {every[i].backbone})")
+        table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
+        table = table.replace_schema_metadata(_file_metadata(every[i], rows_hash, len(frame), _clips(rows)))
+        write_parquet_atomic(table, paths[i])
+    return {**_summarize(frames[0]), "reused": False}
 
 
 def _copy_part(sources: Any, out_path: RunPath, metadata: dict[bytes, bytes]) -> dict[str, Any]:
@@ -308,10 +331,27 @@ def _count_skipped(client: Client, paths: list[RunPath], token: str) -> Iterable
     return results_as_completed(client, futures)
 
 
+def _task_hash(result_hashes: list[str]) -> str:
+    """One backbone's result hash, or a hash of several's (a task that embeds them together)."""
+    return result_hashes[0] if len(result_hashes) == 1 else config_hash({"backbones": result_hashes})
+
+
+def _out_dirs(out_dir: RunPath | Mapping[str, RunPath], cfg: EmbedConfig) -> dict[str, RunPath]:
+    """Backbone -> dataset directory, every backbone of ``cfg`` in order (a single path serves one backbone)."""
+    names = cfg.backbone_names
+    if isinstance(out_dir, Mapping):
+        if list(out_dir) != names:
+            raise ValueError(f"embed: output directories for {list(out_dir)}, but the backbones are {names}")
+        return dict(out_dir)
+    if len(names) > 1:
+        raise ValueError(f"embed: {len(names)} backbones {names} need one output directory each (a mapping)")
+    return {names[0]: out_dir}
+
+
 def embed_catalog(
     client: Client,
     catalog_path: RunPath,
-    out_dir: RunPath,
+    out_dir: RunPath | Mapping[str, RunPath],
     cfg: EmbedConfig,
     *,
     progress: Callable[[int, int, float], None] | None = None,
@@ -321,69 +361,88 @@ def embed_catalog(
 ) -> EmbedCounts:
     """Embed every partition of ``catalog_path`` not yet complete in ``out_dir``; return stage counts.
 
-    Counts cover every part (``failed``, ``warnings``, ``videos``), those already complete included;
-    ``embedded`` and ``skipped`` split the ok rows between this call and earlier ones. With
+    ``out_dir`` is the dataset directory of a one-backbone config, or a mapping backbone -> directory for every
+    backbone of ``cfg`` (in ``cfg.backbone_names`` order): a partition's task decodes each clip once for all
+    the backbones whose part is missing. Counts cover every partition (``failed``, ``warnings``, ``videos``),
+    those already complete included, read from the first backbone that has work in it (the main one's part when
+    none has); ``embedded`` and ``skipped`` split the ok rows between this call and earlier ones. With
     ``max_failed_fraction`` the stage raises :class:`TooManyFailures` as soon as more than that share of the
     catalog's clips are error rows. With ``gpu`` the tasks need a ``GPU`` worker resource, so they run only
     on GPU workers. ``storage_options`` are the data's (for remote clips); they go to the tasks, never into
     keys or files.
     """
-    settings = pin_weights(client, embed_settings(cfg), gpu=gpu)
-    result_hash = _result_hash(settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
+    dirs = _out_dirs(out_dir, cfg)
+    every = [pin_weights(client, one, gpu=gpu) for one in embed_settings_all(cfg)]
+    hashes = [_result_hash(one) for one in every]
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
     catalog = read_parquet(catalog_path, columns=[c for c in (PARTITION, VIDEO_ID, PATH, STAMP)
                                                   if c in read_schema(catalog_path).names])
     groups = {int(p): rows for p, rows in catalog.groupby(PARTITION, sort=True)}
     sizes = pd.Series({p: len(rows) for p, rows in groups.items()}, dtype=np.int64)
-    pending = [p for p, rows in groups.items()
-               if not _is_complete(part_path(out_dir, p), result_hash, _rows_hash(rows))]
-    copies = plan_copies(out_dir, result_hash, {p: groups[p] for p in pending}, set(groups))  # before overwriting
-    _remove_foreign_parts(out_dir, set(groups))
-    done_parts = [part_path(out_dir, p) for p in groups if p not in set(pending)]
-    total = int(sizes.loc[pending].sum()) if pending else 0
-    log.info("embed: %d partitions (%d videos) to run, %d videos already embedded", len(pending), total,
-             int(sizes.sum()) - total)
+    rows_hashes = {p: _rows_hash(rows) for p, rows in groups.items()}
+    # Per backbone: the partitions whose part is missing, and those of them its moved-aside parts can fill.
+    pending: list[set[int]] = []
+    copies: list[dict[int, Any]] = []
+    for out, result_hash in zip(dirs.values(), hashes, strict=True):
+        missing = {p for p in groups if not _is_complete(part_path(out, p), result_hash, rows_hashes[p])}
+        copies.append(plan_copies(out, result_hash, {p: groups[p] for p in sorted(missing)}, set(groups)))
+        _remove_foreign_parts(out, set(groups))  # after planning: the copies may come from them
+        pending.append(missing)
+    todo = sorted(set().union(*pending))
+    done_parts = [part_path(next(iter(dirs.values())), p) for p in groups if p not in set(todo)]
+    total = int(sizes.loc[todo].sum()) if todo else 0
+    log.info("embed: %d partitions (%d videos) to run for %s, %d videos already embedded", len(todo), total,
+             list(dirs), int(sizes.sum()) - total)
     tally = _Tally(int(sizes.sum()), len(sizes), max_failed_fraction)
-    token = path_token(out_dir)
+    token = path_token(next(iter(dirs.values())))
     with closing(iter(_count_skipped(client, done_parts, token))) as skipped:
         for part in skipped:
             tally.add(part, skipped=True)
-    tally.check(out_dir)
-    futures = [
-        client.submit(
-            embed_catalog_partition,
-            catalog_path,
-            p,
-            part_path(out_dir, p),
-            settings,
-            dict(storage_options or {}),
-            key=f"embed-{p:05d}-{result_hash[:8]}-{token}",
-            retries=cfg.retries,
-            pure=False,
-            resources=gpu_resources(gpu),
-        )
-        for p in pending if p not in copies
-    ] + [
-        client.submit(_copy_part, copies[p], part_path(out_dir, p),
-                      _file_metadata(settings, _rows_hash(groups[p]), len(groups[p]), _clips(groups[p])),
-                      key=f"embed-copy-{p:05d}-{result_hash[:8]}-{path_token(out_dir)}", retries=cfg.retries,
-                      pure=False)
-        for p in pending if p in copies
-    ]
+    tally.check(next(iter(dirs.values())))
+    futures, counted = [], set()  # one task per partition carries its counts: the embed task, else the first copy
+    for p in todo:
+        embed = [b for b, missing in enumerate(pending) if p in missing and p not in copies[b]]
+        if embed:
+            futures.append(client.submit(
+                embed_catalog_partition,
+                catalog_path,
+                p,
+                [part_path(list(dirs.values())[b], p) for b in embed],
+                [every[b] for b in embed],
+                dict(storage_options or {}),
+                key=f"embed-{p:05d}-{_task_hash([hashes[b] for b in embed])[:8]}-{token}",
+                retries=cfg.retries,
+                pure=False,
+                resources=gpu_resources(gpu),
+            ))
+            counted.add(futures[-1].key)
+        for b, missing in enumerate(pending):
+            if p in missing and p in copies[b]:
+                out = list(dirs.values())[b]
+                futures.append(client.submit(
+                    _copy_part, copies[b][p], part_path(out, p),
+                    _file_metadata(every[b], rows_hashes[p], len(groups[p]), _clips(groups[p])),
+                    key=f"embed-copy-{p:05d}-{hashes[b][:8]}-{path_token(out)}", retries=cfg.retries, pure=False))
+                if not embed and b == min(b2 for b2, m in enumerate(pending) if p in m):
+                    counted.add(futures[-1].key)
     start, done = time.monotonic(), 0
     # Ctrl-C, SIGTERM, a cancelled run, a failed partition or too many failures: closing the results cancels the
     # queued partitions now. Otherwise the workers go on embedding until the client closes, seconds later.
     # Each future is released once read: a worker lost later costs only the partitions it has in flight.
-    with closing(iter(results_as_completed(client, futures))) as results:
-        for part in results:
+    with closing(iter(results_as_completed(client, futures, with_keys=True))) as results:
+        for key, part in results:
+            if key not in counted:
+                continue
             tally.add(part, skipped=False)
             done += part["videos"]
-            tally.check(out_dir)
+            tally.check(next(iter(dirs.values())))
             if progress is not None:
                 progress(done, total, time.monotonic() - start)
-    # A worker killed mid-write leaves its temporary file; its task was retried elsewhere, and every task of
-    # this call has finished, so nothing is still writing here: leave the directory clean, not at next start.
-    remove_stale_temps(out_dir)
-    drop_reused(out_dir)  # every part made from the moved-aside ones is written
+    for out in dirs.values():
+        # A worker killed mid-write leaves its temporary file; its task was retried elsewhere, and every task of
+        # this call has finished, so nothing is still writing here: leave the directory clean, not at next start.
+        remove_stale_temps(out)
+        drop_reused(out)  # every part made from the moved-aside ones is written
     return tally.counts

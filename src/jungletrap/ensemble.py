@@ -1,5 +1,8 @@
 """Ensemble stage: blend the models' predictions, write ``submission.csv`` and ``metrics.json``.
 
+The models blended are every model the train stage wrote (:func:`jungletrap.train.model_names`: ``xgb``, and
+``head`` plus ``head_<backbone>`` for each other backbone of a run with several).
+
 Everything here is fitted on out-of-fold predictions only: the blend (``ensemble.method``; ``auto`` picks
 ``mean``, ``weights`` or ``stacker`` by nested OOF score, see :mod:`jungletrap.blenders`) and the
 probability clip (chosen on the blender's predictions of the rows it was fitted on). The fitted blender is saved
@@ -37,7 +40,7 @@ from jungletrap.config import JobConfig
 from jungletrap.metrics import fold_prior_predictions, summarize
 from jungletrap.schema import CLASS_NAMES, FILENAME, FOLD, SPLIT, SPLIT_TRAIN, VIDEO_ID
 from jungletrap.storage import RunPath, read_parquet, write_json_atomic, write_parquet_atomic, write_text_atomic
-from jungletrap.train import prediction_path, read_predictions
+from jungletrap.train import model_names, prediction_path, read_predictions
 
 __all__ = [
     "CLIP_CANDIDATES",
@@ -107,7 +110,7 @@ def _fit_blend(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: 
 
 def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
     """Fit the blend and clip on OOF predictions, write submission.csv, metrics.json and the blender."""
-    models = list(cfg.train.models)
+    models = model_names(cfg)  # what the train stage wrote: a head per backbone, XGBoost
     catalog = read_parquet(run_dir / CATALOG_NAME)
     train = catalog[catalog[SPLIT] == SPLIT_TRAIN].set_index(VIDEO_ID)
     truth = train[list(CLASS_NAMES)].to_numpy(np.float64)

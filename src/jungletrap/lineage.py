@@ -28,7 +28,7 @@ from jungletrap.features import FEATURE_TRANSFORM, FEATURES_DIR, read_features_m
 from jungletrap.manifest import Manifest
 from jungletrap.storage import RunPath
 
-__all__ = ["LINEAGE_STAGES", "RunMismatch", "stage_lineage", "verify_run", "embed_parts_dir"]
+__all__ = ["LINEAGE_STAGES", "RunMismatch", "stage_lineage", "verify_run", "embed_parts_dir", "embed_parts_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,18 @@ def _digest(path: RunPath) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def embed_parts_dir(run_dir: RunPath, manifest: Manifest) -> RunPath:
-    """The embedding parts of the run, as its embed stage recorded them (``embeddings/<backbone>``)."""
+def embed_parts_dirs(run_dir: RunPath, manifest: Manifest) -> list[RunPath]:
+    """The embedding datasets of the run, as its embed stage recorded them (``embeddings/<backbone>``, the main
+    backbone's first)."""
     rec = manifest.stage("embed")
     if rec is None or not rec.outputs:
         raise RunMismatch(f"{run_dir}: its manifest records no embed stage: not a finished run")
-    return run_dir / rec.outputs[0]
+    return [run_dir / out for out in rec.outputs]
+
+
+def embed_parts_dir(run_dir: RunPath, manifest: Manifest) -> RunPath:
+    """The main backbone's embedding parts of the run (``embeddings/<backbone>``)."""
+    return embed_parts_dirs(run_dir, manifest)[0]
 
 
 def _first_part(directory: RunPath, what: str) -> RunPath:
@@ -63,25 +69,29 @@ def _first_part(directory: RunPath, what: str) -> RunPath:
 Observed = tuple[dict[str, Any], dict[str, str]]
 
 
-def _embed(run_dir: RunPath, parts: RunPath) -> Observed:
-    meta = read_embedding_meta(_first_part(parts, "embedding"))
-    return {"result_hash": meta.get("result_hash"), "backbone": meta.get("backbone")}, {}
+def _embed(run_dir: RunPath, datasets: list[RunPath]) -> Observed:
+    """The main backbone's result hash and name; with several backbones, every one's result hash too."""
+    metas = [read_embedding_meta(_first_part(parts, "embedding")) for parts in datasets]
+    values = {"result_hash": metas[0].get("result_hash"), "backbone": metas[0].get("backbone")}
+    if len(metas) > 1:
+        values["backbones"] = {str(m.get("backbone")): m.get("result_hash") for m in metas}
+    return values, {}
 
 
-def _features(run_dir: RunPath, parts: RunPath) -> Observed:
+def _features(run_dir: RunPath, datasets: list[RunPath]) -> Observed:
     meta = read_features_meta(_first_part(run_dir / FEATURES_DIR, "feature"))
     settings = {k: v for k, v in meta.items() if k not in ("source", "transform")}
     return settings, _files(run_dir, [str(FEATURE_TRANSFORM)])
 
 
-def _train(run_dir: RunPath, parts: RunPath) -> Observed:
+def _train(run_dir: RunPath, datasets: list[RunPath]) -> Observed:
     models = run_dir / _MODELS
     names = sorted(f"{_MODELS}/{d.name}/{f.name}" for d in models.iterdir() if d.is_dir()
                    for f in d.iterdir() if f.is_file()) if models.is_dir() else []
     return {}, _files(run_dir, names)
 
 
-def _ensemble(run_dir: RunPath, parts: RunPath) -> Observed:
+def _ensemble(run_dir: RunPath, datasets: list[RunPath]) -> Observed:
     return {}, _files(run_dir, [_ENSEMBLE])
 
 
@@ -89,8 +99,8 @@ def _files(run_dir: RunPath, names: list[str]) -> dict[str, str]:
     return {name: _digest(run_dir / name) for name in names if (run_dir / name).is_file()}
 
 
-#: Per stage: (run directory, its embedding parts directory) -> (values, file digests) of its outputs.
-_OBSERVE: dict[str, Callable[[RunPath, RunPath], Observed]] = {
+#: Per stage: (run directory, its embedding datasets) -> (values, file digests) of its outputs.
+_OBSERVE: dict[str, Callable[[RunPath, list[RunPath]], Observed]] = {
     "embed": _embed, "features": _features, "train": _train, "ensemble": _ensemble,
 }
 
@@ -103,11 +113,11 @@ def _previous_digest(stage: str, manifest: Manifest) -> str | None:
 
 def stage_lineage(stage: str, run_dir: RunPath, manifest: Manifest, outputs: list[str]) -> dict[str, Any] | None:
     """The lineage record of ``stage``'s outputs as they are now (None for stages ``predict`` does not use);
-    ``outputs`` are the stage's own (the embed stage's parts directory)."""
+    ``outputs`` are the stage's own (the embed stage's datasets, one per backbone)."""
     if stage not in _OBSERVE:
         return None
-    parts = run_dir / outputs[0] if stage == "embed" else embed_parts_dir(run_dir, manifest)
-    values, files = _OBSERVE[stage](run_dir, parts)
+    datasets = [run_dir / out for out in outputs] if stage == "embed" else embed_parts_dirs(run_dir, manifest)
+    values, files = _OBSERVE[stage](run_dir, datasets)
     record = {"after": _previous_digest(stage, manifest), "values": values, "files": files}
     return {**record, "digest": config_hash(record)}
 
@@ -119,7 +129,7 @@ def _check_stage(stage: str, run_dir: RunPath, manifest: Manifest, recorded: dic
         raise RunMismatch(f"{run_dir}: the {stage} stage's outputs were made from other {before} outputs than "
                           f"those in the run directory (the {before} stage ran again afterwards): run the stages "
                           f"after {before} again (`jungletrap run`) before predicting")
-    values, files = _OBSERVE[stage](run_dir, embed_parts_dir(run_dir, manifest))
+    values, files = _OBSERVE[stage](run_dir, embed_parts_dirs(run_dir, manifest))
     for key, value in recorded.get("values", {}).items():
         if values.get(key) != value:
             raise RunMismatch(f"{run_dir}: the {stage} stage recorded {key}={value!r}, its files now say "

@@ -40,7 +40,7 @@ from jungletrap.manifest import Manifest
 from jungletrap.report import write_report
 from jungletrap.schema import SPLIT, SPLIT_TRAIN, VIDEO_ID
 from jungletrap.storage import RunPath, file_stamp, is_remote, read_parquet, run_path, write_bytes_atomic
-from jungletrap.train import embed_dir, run_train
+from jungletrap.train import embed_dir, embed_dirs, model_names, run_train
 from jungletrap.udfs.embed import EMBED_SCHEMA_VERSION
 from jungletrap.udfs.features import FEATURE_SET_VERSION
 
@@ -229,7 +229,7 @@ def _catalog(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 
 def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
-    out = embed_dir(ctx.cfg, ctx.run_dir)
+    out = embed_dirs(ctx.cfg, ctx.run_dir)
     progress = EmbedProgress(check=lambda: ctx.check_cancelled("during embed"))
     try:
         counts = embed_catalog(ctx.client, ctx.run_dir / CATALOG_NAME, out, ctx.cfg.embed, progress=progress,
@@ -239,13 +239,13 @@ def _embed(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
         progress.close()
     log.info("embed: %d embedded, %d skipped (already done), %d failed, %d with a warning (all parts)",
              counts["embedded"], counts["skipped"], counts["failed"], counts["warnings"])
-    return counts, [str(out.relative_to(ctx.run_dir))]
+    return counts, [str(d.relative_to(ctx.run_dir)) for d in out.values()]  # the main backbone's first
 
 
 def _features(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     catalog = read_parquet(ctx.run_dir / CATALOG_NAME, columns=[VIDEO_ID, SPLIT])
     train_ids = set(catalog.loc[catalog[SPLIT] == SPLIT_TRAIN, VIDEO_ID])
-    counts = build_features(ctx.client, embed_dir(ctx.cfg, ctx.run_dir), ctx.run_dir / FEATURES_DIR,
+    counts = build_features(ctx.client, embed_dirs(ctx.cfg, ctx.run_dir), ctx.run_dir / FEATURES_DIR,
                             ctx.cfg.features, transform_path=ctx.run_dir / FEATURE_TRANSFORM, fit_ids=train_ids,
                             seed=ctx.cfg.run.seed)
     return counts, [FEATURES_DIR, str(FEATURE_TRANSFORM)]
@@ -253,7 +253,7 @@ def _features(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
 
 def _train(ctx: StageContext) -> tuple[dict[str, Any], list[str]]:
     scores = run_train(ctx.client, ctx.cfg, ctx.run_dir, gpu=ctx.info.gpu)
-    outputs = [f"{kind}/{m}.parquet" for m in ctx.cfg.train.models for kind in ("oof", "test")]
+    outputs = [f"{kind}/{m}.parquet" for m in model_names(ctx.cfg) for kind in ("oof", "test")]
     return {f"{m}_oof_log_loss": s for m, s in scores.items()}, outputs
 
 

@@ -135,6 +135,14 @@ def failed_videos(embed_dir: RunPath) -> pd.DataFrame:
 # ---------------------------------------------------------------- sections
 
 
+def _only(model: str, models: list[str]) -> str:
+    """The settings that train ``model`` alone: a head per backbone is ``head`` plus a choice of backbone."""
+    if model.startswith("head_"):
+        return f"train.models=[head] with embed.backbones=[{model.removeprefix('head_')}]"
+    several = model == "head" and any(m.startswith("head_") for m in models)
+    return f"train.models=[{model}]" + (" with the main backbone alone in embed.backbones" if several else "")
+
+
 def _summary(metrics: dict[str, Any], n_failed: int, n_train: int) -> str:
     blend_ll, prior = metrics["oof"][BLEND]["mean_log_loss"], metrics["prior_baseline_oof"]["mean_log_loss"]
     gain = f" ({1 - blend_ll / prior:.1%} lower)" if prior > 0 else ""
@@ -155,7 +163,7 @@ def _summary(metrics: dict[str, Any], n_failed: int, n_train: int) -> str:
     if best is not None and blend_ll > singles[best]:
         items.append(f"Note: the blend's nested out-of-fold loss {blend_ll:.5f} is above the best single model's "
                      f"({best}, {singles[best]:.5f}): its blender is fitted without the fold it predicts, which "
-                     "costs more than the models disagree on this data; prefer train.models=[" + best + "].")
+                     "costs more than the models disagree on this data; prefer " + _only(best, list(singles)) + ".")
     lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
     return (f"<p>Blend out-of-fold mean log loss <b>{blend_ll:.5f}</b> versus <b>{prior:.5f}</b> for the "
             f"class-prior baseline{html.escape(gain)}, over {n_train} training clips.</p><ul>{lis}</ul>")

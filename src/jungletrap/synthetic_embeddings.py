@@ -24,6 +24,13 @@ default; 3840: ``resnet152_skip``; 64: ``tiny_cnn`` for tests). Any other size i
 states the backbone's ``feature_dim``, which the features stage trusts, so a made-up size would make parts
 that no real embed run can produce. Frames: ``embed.sample_fps`` 3 and ``embed.max_seconds`` ``frames / 3``
 (the competition's 3 fps x 15 s for 45).
+
+Several backbones (``backbones``, ``--backbones a,b``): ``embeddings/<backbone>/`` for each, with the same parts,
+rows, container and pixel columns, each backbone at its registered feature size and ``config.yaml`` naming them
+in ``embed.backbones`` (the first is the main one). The main backbone's parts are those a single-backbone run of
+the same size and seed writes; each other backbone sees the same animals in the same frames, but along its own
+class directions and with its own scene and frame noise, so its pooled embeddings carry the same signal with
+independent errors (blending the backbones' models helps).
 """
 
 from __future__ import annotations
@@ -102,8 +109,16 @@ class RehearsalSpec:
     frames: int = 45
     seed: int = 0
     videos_per_partition: int = 32
+    backbones: tuple[str, ...] | None = None  # several backbones (the first is the main one); ``dim`` follows it
 
     def __post_init__(self) -> None:
+        if self.backbones is not None:
+            unknown = [b for b in self.backbones if b not in BACKBONES]
+            if unknown or not self.backbones or len(set(self.backbones)) != len(self.backbones):
+                raise ValueError(f"--backbones {','.join(self.backbones)}: give distinct registered backbones; "
+                                 f"allowed: {', '.join(sorted(BACKBONES))}")
+            object.__setattr__(self, "backbones", tuple(self.backbones))
+            object.__setattr__(self, "dim", BACKBONES[self.backbones[0]].feature_dim)
         if self.n < 10:
             raise ValueError(f"--n must be at least 10 (5 folds need training clips), got {self.n}")
         if self.frames < 1:
@@ -111,6 +126,11 @@ class RehearsalSpec:
         if self.videos_per_partition < 1:
             raise ValueError(f"--videos-per-partition must be at least 1, got {self.videos_per_partition}")
         backbone_for_dim(self.dim)
+
+    @property
+    def backbone_names(self) -> list[str]:
+        """Every backbone written, the main one first."""
+        return list(self.backbones) if self.backbones else [backbone_for_dim(self.dim)]
 
 
 def backbone_for_dim(dim: int) -> str:
@@ -135,6 +155,8 @@ def rehearsal_config(out: Path, spec: RehearsalSpec) -> JobConfig:
         "embed": {"backbone": backbone_for_dim(spec.dim), "weights": "random", "sample_fps": SAMPLE_FPS,
                   "max_seconds": spec.frames / SAMPLE_FPS},
     }
+    if spec.backbones:
+        raw["embed"].update(backbone=spec.backbones[0], backbones=list(spec.backbones))
     return JobConfig.model_validate(raw)
 
 
@@ -260,47 +282,78 @@ def _pixels(rng: np.random.Generator, labels: np.ndarray, n_frames: int) -> dict
     return {k: float(stats.get(k, np.nan)) for k in PIXEL_COLUMNS}
 
 
-def _embedding(rng: np.random.Generator, labels: np.ndarray, n_frames: int, directions: np.ndarray) -> np.ndarray:
-    """``n_frames x D`` float16: scene + frame noise + each animal's direction while it is in view."""
+#: When an animal is in view in a clip: (class, first frame, frames, signal strength).
+Window = tuple[int, int, int, float]
+
+
+def _embedding(rng: np.random.Generator, labels: np.ndarray, n_frames: int, directions: np.ndarray,
+               windows: list[Window] | None = None) -> tuple[np.ndarray, list[Window]]:
+    """``n_frames x D`` float16: scene + frame noise + each animal's direction while it is in view, and the
+    windows the animals were in view (drawn here unless given: another backbone sees the same animals)."""
     dim = directions.shape[1]
     x = rng.standard_normal((n_frames, dim), dtype=np.float32) * np.float32(FRAME_STD)
     x += rng.standard_normal(dim, dtype=np.float32) * np.float32(SCENE_STD)
-    for k in np.flatnonzero(labels):
-        if k == _BLANK:
-            continue
-        length = int(rng.integers(max(1, n_frames // 3), n_frames + 1))
-        start = int(rng.integers(0, n_frames - length + 1))
-        x[start : start + length] += directions[k] * np.float32(SIGNAL * rng.uniform(0.6, 1.4))
-    return x.astype(np.float16).reshape(-1)
+    if windows is None:
+        windows = []
+        for k in np.flatnonzero(labels):
+            if k == _BLANK:
+                continue
+            length = int(rng.integers(max(1, n_frames // 3), n_frames + 1))
+            start = int(rng.integers(0, n_frames - length + 1))
+            windows.append((int(k), start, length, SIGNAL * rng.uniform(0.6, 1.4)))
+    for k, start, length, strength in windows:
+        x[start : start + length] += directions[k] * np.float32(strength)
+    return x.astype(np.float16).reshape(-1), windows
 
 
 def _row(rng: np.random.Generator, clip: pd.Series, labels: np.ndarray, kind: str, frames: int,
-         max_seconds: float, directions: np.ndarray) -> dict[str, Any]:
+         max_seconds: float, directions: np.ndarray) -> tuple[dict[str, Any], list[Window]]:
     if kind == "error":
         row: dict[str, Any] = {name: None for name in EMBED_SCHEMA.names}
         row.update({VIDEO_ID: clip[VIDEO_ID], N_FRAMES: 0, EMBEDDING: np.zeros(0, np.float16),
                     SIZE_BYTES: int(clip[SIZE_BYTES]), STATUS: STATUS_ERROR,
                     ERROR: f"{clip[PATH]}: Invalid data found when processing input (rehearsal error row)"})
-        return row
+        return row, []
     facts = _clip_facts(rng, labels, kind, int(clip[SIZE_BYTES]), frames, max_seconds)
-    return {VIDEO_ID: clip[VIDEO_ID], **facts, SIZE_BYTES: int(clip[SIZE_BYTES]),
-            EMBEDDING: _embedding(rng, labels, facts[N_FRAMES], directions),
-            **_pixels(rng, labels, facts[N_FRAMES]), STATUS: STATUS_OK, ERROR: None}
+    embedding, windows = _embedding(rng, labels, facts[N_FRAMES], directions)
+    return {VIDEO_ID: clip[VIDEO_ID], **facts, SIZE_BYTES: int(clip[SIZE_BYTES]), EMBEDDING: embedding,
+            **_pixels(rng, labels, facts[N_FRAMES]), STATUS: STATUS_OK, ERROR: None}, windows
 
 
-def generate_part(catalog_path: Path, partition: int, out_path: Path, settings: EmbedSettings,
-                  plan: Mapping[str, tuple[list[float], str]], seed: int, frames: int, dim: int) -> dict[str, int]:
-    """Dask task: one partition's rows as the embed stage writes them (same schema, metadata and name)."""
-    rows = read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
-    rng = np.random.default_rng([seed, 3, partition])
-    directions = _class_directions(seed, dim)
-    records = [_row(rng, clip, np.asarray(plan[clip[VIDEO_ID]][0]), plan[clip[VIDEO_ID]][1], frames,
-                    settings.max_seconds, directions) for _, clip in rows.iterrows()]
+def _write_part(records: list[dict[str, Any]], rows: pd.DataFrame, settings: EmbedSettings, out_path: Path) -> None:
     frame = pd.DataFrame.from_records(records, columns=EMBED_SCHEMA.names)
     table = pa.Table.from_pandas(frame, schema=EMBED_SCHEMA, preserve_index=False)
     table = table.replace_schema_metadata(_file_metadata(settings, _rows_hash(rows), len(frame), _clips(rows)))
     write_parquet_atomic(table, out_path)
-    return {"videos": len(frame), "failed": int((frame[STATUS] == STATUS_ERROR).sum())}
+
+
+def _other_records(records: list[dict[str, Any]], windows: list[list[Window]], seed: int, partition: int,
+                   index: int, dim: int) -> list[dict[str, Any]]:
+    """The ``index``-th other backbone's rows: the main rows with embeddings of its own directions and noise."""
+    rng = np.random.default_rng([seed, 3, partition, index])
+    directions = np.random.default_rng([seed, 2, index]).standard_normal((len(CLASS_NAMES), dim)).astype(np.float32)
+    return [row if row[STATUS] == STATUS_ERROR else
+            {**row, EMBEDDING: _embedding(rng, np.zeros(0), row[N_FRAMES], directions, seen)[0]}
+            for row, seen in zip(records, windows, strict=True)]
+
+
+def generate_part(catalog_path: Path, partition: int, out_path: Path, settings: EmbedSettings,
+                  plan: Mapping[str, tuple[list[float], str]], seed: int, frames: int, dim: int,
+                  others: list[tuple[Path, EmbedSettings]] | None = None) -> dict[str, int]:
+    """Dask task: one partition's rows as the embed stage writes them (same schema, metadata and name), for the
+    main backbone (``out_path``, ``settings``) and each other one (``others``: its part path and settings)."""
+    rows = read_parquet(catalog_path, filters=[(PARTITION, "==", partition)])
+    rng = np.random.default_rng([seed, 3, partition])
+    directions = _class_directions(seed, dim)
+    made = [_row(rng, clip, np.asarray(plan[clip[VIDEO_ID]][0]), plan[clip[VIDEO_ID]][1], frames,
+                 settings.max_seconds, directions) for _, clip in rows.iterrows()]
+    records = [row for row, _ in made]
+    _write_part(records, rows, settings, out_path)
+    for index, (path, other) in enumerate(others or [], start=1):
+        other_dim = BACKBONES[other.backbone].feature_dim
+        _write_part(_other_records(records, [w for _, w in made], seed, partition, index, other_dim), rows, other,
+                    path)
+    return {"videos": len(records), "failed": sum(r[STATUS] == STATUS_ERROR for r in records)}
 
 
 # ---------------------------------------------------------------- the whole run directory
@@ -329,29 +382,41 @@ def write_rehearsal(client: Client, out: Path, spec: RehearsalSpec) -> dict[str,
     manifest.start("catalog", hashes["catalog"])
     manifest.finish("catalog", status="done", outputs=[CATALOG_NAME], counts={
         **catalog[SPLIT].value_counts().to_dict(), "missing_files": 0, "partitions": int(catalog[PARTITION].nunique())})
-    embed_dir = out / "embeddings" / cfg.embed.backbone
     manifest.start("embed", hashes["embed"])
-    settings = replace(embed_settings(cfg.embed), pinned_weights=resolve_weights(cfg.embed.backbone, "random"))
-    counts = _generate_parts(client, out / CATALOG_NAME, embed_dir, catalog, plan, settings, spec)
-    outputs = [str(embed_dir.relative_to(out))]
+    targets = {b: (out / "embeddings" / b, _settings(cfg, b)) for b in cfg.embed.backbone_names}
+    counts = _generate_parts(client, out / CATALOG_NAME, targets, catalog, plan, spec)
+    outputs = [str(d.relative_to(out)) for d, _ in targets.values()]  # the main backbone's first
     manifest.finish("embed", status="done", counts={**counts, "warnings": 0}, outputs=outputs,
                     lineage=stage_lineage("embed", out, manifest, outputs))
+    several = f", backbones={','.join(spec.backbones)}" if spec.backbones else ""
     manifest.record_event(f"catalog and embed written by demo-embeddings (rehearsal data, no video decoded; "
-                          f"n={spec.n}, dim={spec.dim}, frames={spec.frames}, seed={spec.seed}, "
+                          f"n={spec.n}, dim={spec.dim}, frames={spec.frames}, seed={spec.seed}{several}, "
                           f"generator {GENERATOR_VERSION})")
-    return {**counts, "run_dir": str(out), "backbone": cfg.embed.backbone}
+    return {**counts, "run_dir": str(out), "backbone": cfg.embed.backbone, "backbones": cfg.embed.backbone_names}
 
 
-def _generate_parts(client: Client, catalog_path: Path, embed_dir: Path, catalog: pd.DataFrame,
-                    plan: pd.DataFrame, settings: EmbedSettings, spec: RehearsalSpec) -> dict[str, int]:
-    """One task per partition, each given only its clips' labels and kinds; futures released as they finish."""
-    embed_dir.mkdir(parents=True, exist_ok=True)
+def _settings(cfg: JobConfig, backbone: str) -> EmbedSettings:
+    """The embed settings of one backbone of the run, pinned to its seeded random weights."""
+    settings = embed_settings(cfg.embed)
+    if backbone != settings.backbone:
+        settings = replace(settings, backbone=backbone, weights=cfg.embed.weights_for(backbone))
+    return replace(settings, pinned_weights=resolve_weights(backbone, "random"))
+
+
+def _generate_parts(client: Client, catalog_path: Path, targets: Mapping[str, tuple[Path, EmbedSettings]],
+                    catalog: pd.DataFrame, plan: pd.DataFrame, spec: RehearsalSpec) -> dict[str, int]:
+    """One task per partition (writing its part of every backbone), each given only its clips' labels and kinds;
+    futures released as they finish. ``targets``: backbone → (embedding directory, settings), the main first."""
+    for embed_dir, _ in targets.values():
+        embed_dir.mkdir(parents=True, exist_ok=True)
+    (embed_dir, settings), *others = targets.values()
     token = path_token(embed_dir)
     futures = []
     for p, rows in catalog.groupby(PARTITION, sort=True):
         part_plan = {v: (plan.at[v, "labels"].tolist(), str(plan.at[v, "kind"])) for v in rows[VIDEO_ID]}
+        other_parts = [(part_path(d, int(p)), s) for d, s in others] or None
         futures.append(client.submit(generate_part, catalog_path, int(p), part_path(embed_dir, int(p)), settings,
-                                     part_plan, spec.seed, spec.frames, spec.dim,
+                                     part_plan, spec.seed, spec.frames, spec.dim, other_parts,
                                      key=f"demo-embeddings-{int(p):05d}-{token}", pure=False))
     counts = {"partitions": len(futures), "videos": 0, "embedded": 0, "skipped": 0, "failed": 0}
     for fut in as_completed(futures):

@@ -17,8 +17,9 @@ from distributed import Client, Future, as_completed
 __all__ = ["results_as_completed"]
 
 
-def results_as_completed(client: Client, futures: Iterable[Future]) -> Iterator[Any]:
-    """Yield each future's result in completion order, releasing the future once its result is read.
+def results_as_completed(client: Client, futures: Iterable[Future], *, with_keys: bool = False) -> Iterator[Any]:
+    """Yield each future's result in completion order (``(key, result)`` with ``with_keys``), releasing the
+    future once its result is read.
 
     If the caller stops early (an exception in its loop, Ctrl-C, :meth:`close`), the futures not yet read are
     cancelled, so that queued partitions do not go on running after the stage stopped.
@@ -27,9 +28,10 @@ def results_as_completed(client: Client, futures: Iterable[Future]) -> Iterator[
     try:
         for future in as_completed(list(inflight.values())):
             result = future.result()
-            del inflight[future.key]
+            key = future.key
+            del inflight[key]
             future.release()
-            yield result
+            yield (key, result) if with_keys else result
     except BaseException:
         client.cancel(list(inflight.values()))
         raise

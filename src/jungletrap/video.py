@@ -12,6 +12,8 @@ frame after the last target.
 
 Frames are letterboxed, not cropped: the longer side is resized to ``size`` and the other is centred between black
 bands. Camera traps often catch animals at the frame edge; a centre crop of a 16:9 frame would drop 44% of it.
+:func:`read_clip_sizes` letterboxes each picked frame at several sizes from the one decode (several backbones,
+each at its own input size): every size's frames are exactly those :func:`read_clip` gives at that size.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
@@ -29,7 +31,8 @@ import av.container
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-__all__ = ["ClipInfo", "VideoDecodeError", "clip_info", "letterbox_box", "read_clip", "sample_times"]
+__all__ = ["ClipInfo", "VideoDecodeError", "clip_info", "letterbox_box", "read_clip", "read_clip_sizes",
+           "sample_times"]
 
 Source = str | os.PathLike[str] | BinaryIO
 
@@ -131,8 +134,27 @@ def read_clip(
         VideoDecodeError: missing, empty, non-video or undecodable input, or the timeout. A clip that decodes some
             frames before breaking returns those instead (with ``info.warning`` saying so).
     """
+    frames, info = read_clip_sizes(path, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames,
+                                   sizes=(size,), timeout_s=timeout_s, threads=threads)
+    return frames[size], info
+
+
+def read_clip_sizes(
+    path: Source,
+    *,
+    sample_fps: float,
+    max_seconds: float,
+    n_frames: int | None = None,
+    sizes: Sequence[int] = (224,),
+    timeout_s: float | None = 120.0,
+    threads: int = 0,
+) -> tuple[dict[int, np.ndarray], ClipInfo]:
+    """:func:`read_clip` at several sizes from one decode: ``{size: T x size x size x 3}``, the same T for all."""
+    if not sizes:
+        raise ValueError("read_clip_sizes needs at least one size")
     sample_times(0.0, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)  # validate up front
     budget = _Budget(_source_name(path), timeout_s)
+    sizes = tuple(dict.fromkeys(sizes))
     with _opened(path) as (container, size_bytes):
         info = _container_info(container, _video_stream(container, budget.name), size_bytes)
         duration = info.duration_s
@@ -141,14 +163,17 @@ def read_clip(
             duration = _demuxed_span(container, max_seconds=max_seconds, fps=info.fps, budget=budget)
         targets = sample_times(duration, sample_fps=sample_fps, max_seconds=max_seconds, n_frames=n_frames)
         if not reopen:
-            picked, decoded, lost = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
+            picked, decoded, lost = _pick(container, targets, fps=info.fps, sizes=sizes, budget=budget,
+                                          threads=threads)
     if reopen:
         with _opened(path) as (container, _):
-            picked, decoded, lost = _pick(container, targets, fps=info.fps, size=size, budget=budget, threads=threads)
-    if not picked:
+            picked, decoded, lost = _pick(container, targets, fps=info.fps, sizes=sizes, budget=budget,
+                                          threads=threads)
+    if not picked[sizes[0]]:
         raise VideoDecodeError(f"{budget.name}: no frame could be decoded (truncated or corrupt)")
     warning = lost.warning(info, decoded=decoded, max_seconds=max_seconds)
-    return np.stack(picked), ClipInfo(**{**info.as_dict(), "decoded_frames": decoded, "warning": warning})
+    return ({size: np.stack(frames) for size, frames in picked.items()},
+            ClipInfo(**{**info.as_dict(), "decoded_frames": decoded, "warning": warning}))
 
 
 def clip_info(path: Source) -> ClipInfo:
@@ -210,15 +235,15 @@ def _declared_length_s(info: ClipInfo) -> float:
 
 
 def _pick(
-    container: av.container.InputContainer, targets: np.ndarray, *, fps: float, size: int, budget: _Budget,
-    threads: int = 0,
-) -> tuple[list[np.ndarray], int, _Losses]:
+    container: av.container.InputContainer, targets: np.ndarray, *, fps: float, sizes: tuple[int, ...],
+    budget: _Budget, threads: int = 0,
+) -> tuple[dict[int, list[np.ndarray]], int, _Losses]:
     """The letterboxed frames on screen at ``targets``, how many frames were decoded to find them, and what
     was lost on the way."""
     stream = _video_stream(container, budget.name)
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
-    picker = _Picker(targets, size)
+    picker = _Picker(targets, sizes)
     reader = _FrameReader(container, stream, targets, fps=fps, budget=budget)
     decoded = picker.run(reader.frames())
     losses = _Losses(picker.stream_end_s, reader.stopped_by, reader.bad_packets)
@@ -226,15 +251,16 @@ def _pick(
 
 
 class _Picker:
-    """Streams frames past sorted targets and converts only the frame on screen at each one, once."""
+    """Streams frames past sorted targets and converts only the frame on screen at each one, once (per size)."""
 
-    def __init__(self, targets: np.ndarray, size: int) -> None:
-        self.targets, self.size, self.i = targets, size, 0
-        self.picked: list[np.ndarray] = []
+    def __init__(self, targets: np.ndarray, sizes: tuple[int, ...]) -> None:
+        self.targets, self.sizes, self.i = targets, sizes, 0
+        self.picked: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
         self.stream_end_s: float | None = None  # set when the stream ended before every target was served
         self._last: av.VideoFrame | None = None
-        # One swscale context for the clip: frame.reformat() builds one per frame, ~20x slower on small clips.
-        self._reformatter = VideoReformatter()
+        # One swscale context per size for the clip: frame.reformat() builds one per frame, ~20x slower on small
+        # clips (a context is rebuilt whenever the output size changes, hence one per size).
+        self._reformatters = {size: VideoReformatter() for size in sizes}
 
     def run(self, frames: Iterator[tuple[av.VideoFrame, float]]) -> int:
         """Consume ``(frame, seconds)`` pairs until every target is served; return how many were decoded."""
@@ -254,7 +280,7 @@ class _Picker:
         # The stream ended: its last frame is on screen until its own end, not forever (but keep one frame).
         self.stream_end_s = end if prev is not None else None
         while prev is not None and self.i < len(self.targets):
-            if self.picked and self.targets[self.i] >= end - _TIME_TOLERANCE_S:
+            if self.picked[self.sizes[0]] and self.targets[self.i] >= end - _TIME_TOLERANCE_S:
                 break
             self._pick(prev)
         return decoded
@@ -263,13 +289,14 @@ class _Picker:
         self.i += 1
         if frame is not self._last:
             self._last = frame
-            self.picked.append(self._letterbox(frame))
+            for size in self.sizes:
+                self.picked[size].append(self._letterbox(frame, size))
 
-    def _letterbox(self, frame: av.VideoFrame) -> np.ndarray:
+    def _letterbox(self, frame: av.VideoFrame, size: int) -> np.ndarray:
         """Resize and convert in swscale so that the longer side is ``size``, then centre on black."""
-        top, left, h, w = letterbox_box(frame.width, frame.height, self.size)
-        rgb = self._reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
-        out = np.zeros((self.size, self.size, 3), dtype=np.uint8)
+        top, left, h, w = letterbox_box(frame.width, frame.height, size)
+        rgb = self._reformatters[size].reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
+        out = np.zeros((size, size, 3), dtype=np.uint8)
         out[top : top + h, left : left + w] = rgb.to_ndarray()
         return out
 
