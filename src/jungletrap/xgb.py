@@ -461,20 +461,24 @@ def predict_xgb_models(client: Client, models_dir: RunPath, features_dir: RunPat
     folds = [((models_dir / f"fold{fold['fold']}.ubj").read_bytes(), np.asarray(fold["margin"], np.float32),
               int(fold.get("rounds", fold.get("best_iteration"))))  # older runs: best_iteration
              for fold in spec["folds"]]
-    boosters = client.scatter(BoosterSet(tokenize([raw for raw, _, _ in folds]), folds), broadcast=True,
-                              hash=False)
+    # One scattered object holds everything the tasks share: keyword values given to ``client.map`` are packed as
+    # tasks of their own, named after the keyword ("features" clashed with a task of that name in a CLI predict).
+    boosters = client.scatter(BoosterSet(tokenize([raw for raw, _, _ in folds]), list(spec["features"]), folds),
+                              broadcast=True, hash=False)
     token = tokenize(str(features_dir), boosters.key)
-    futures = client.map(score_part, parts, features=spec["features"], boosters=boosters,
-                         key=[f"xgb-predict-{p.stem}-{token}" for p in parts], pure=False)
+    futures = [client.submit(score_part, p, boosters, key=f"xgb-predict-{p.stem}-{token}", pure=False)
+               for p in parts]
     frames = list(results_as_completed(client, futures))  # completion order: sorted by clip below
     return pd.concat(frames, ignore_index=True).set_index(VIDEO_ID).sort_index()
 
 
 @dataclass(frozen=True)
 class BoosterSet:
-    """The fold boosters of a run as bytes, with their prior margins and rounds; ``token`` names the set."""
+    """The fold boosters of a run as bytes, with their prior margins and rounds, and the feature columns they
+    take in order; ``token`` names the set."""
 
     token: str
+    features: list[str]
     folds: list[tuple[bytes, np.ndarray, int]]
 
 
@@ -495,10 +499,10 @@ def _loaded(boosters: BoosterSet) -> list[xgb.Booster]:
     return _LOADED[boosters.token]
 
 
-def score_part(path: RunPath, *, features: list[str], boosters: BoosterSet) -> pd.DataFrame:
+def score_part(path: RunPath, boosters: BoosterSet) -> pd.DataFrame:
     """Dask task: the fold boosters' mean probabilities for one feature part's clips."""
     ids = np.array(read_table(path, columns=[VIDEO_ID]).column(0).to_pylist(), dtype=object)
-    x = _read_part_matrix(path, features)
+    x = _read_part_matrix(path, boosters.features)
     if not len(x):
         return _frame(ids, np.zeros((0, len(CLASS_NAMES))))
     probas = [booster.inplace_predict(x, iteration_range=(0, rounds), base_margin=_margin_block(x, margin))
