@@ -75,7 +75,7 @@ def test_stacker_learns_to_trust_the_better_model() -> None:
     assert coef.shape == (24, 2) and (coef[:, 1] > coef[:, 0]).mean() > 0.8
     folds = np.arange(len(y)) % 5
     scores = nested_scores(y, [weak, good], folds)
-    assert set(scores) == {"mean", "weights", "stacker"}
+    assert set(scores) == set(BLEND_METHODS)
     assert scores["weights"] < scores["mean"]  # the weak model drags the plain mean down
 
 
@@ -106,3 +106,36 @@ def test_stacker_handles_a_class_with_no_positives() -> None:
     y[:, 5] = 0
     out = apply_blender(fit_blender("stacker", y, [weak, good]), [weak, good])
     assert np.isfinite(out).all() and out[:, 5].max() < 1e-3
+
+
+def test_shared_stacker_recalibrates_underconfident_models_with_one_coefficient_each() -> None:
+    """Two models whose logits are both half the truth's: a weighted mean cannot sharpen them, the shared
+    stacker's coefficients (summing to ~2) can, with M+1 numbers for all 24 classes."""
+    from jungletrap.blenders import apply_blender, fit_blender
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(-2, 2, (400, 24))
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z))).astype(float)
+    a, b = (1 / (1 + np.exp(-(z + rng.normal(0, 0.3, z.shape)) / 2)) for _ in range(2))
+    params = fit_blender("shared_stacker", y, [a, b])
+    assert len(params["coef"]) == 2 and isinstance(params["intercept"], float)
+    assert 1.5 < sum(params["coef"]) < 2.5
+    shared = mean_log_loss(y, apply_blender(params, [a, b]))
+    weighted = mean_log_loss(y, apply_blender(fit_blender("weights", y, [a, b]), [a, b]))
+    assert shared < weighted - 0.01
+
+
+def test_auto_reported_blend_chooses_each_folds_method_without_its_labels() -> None:
+    """``auto``'s reported blend: flipping fold 0's labels must leave fold 0's predictions exactly as they were,
+    method choice included (it is made on the other folds' nested scores), while the other folds move."""
+    from jungletrap.blenders import nested_auto_predictions
+
+    y, good, weak = _problem(6)
+    folds = np.arange(len(y)) % 5
+    flipped = y.copy()
+    flipped[folds == 0] = 1 - flipped[folds == 0]
+    (nested, methods), (again, _) = (nested_auto_predictions(truth, [weak, good], folds, clip="auto")
+                                     for truth in (y, flipped))
+    np.testing.assert_array_equal(nested[folds == 0], again[folds == 0])
+    assert not np.array_equal(nested[folds == 1], again[folds == 1])
+    assert set(methods) == {0, 1, 2, 3, 4} and set(methods.values()) <= set(BLEND_METHODS)

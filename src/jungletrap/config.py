@@ -285,7 +285,7 @@ class TrainConfig(_Section):
 class EnsembleConfig(_Section):
     """Blending of the models' predictions; fitted on out-of-fold predictions only."""
 
-    method: Literal["auto", "mean", "weights", "stacker"] = "auto"
+    method: Literal["auto", "mean", "weights", "shared_stacker", "stacker"] = "auto"
     clip: Literal["auto"] | float = "auto"
 
     @field_validator("clip")

@@ -4,13 +4,13 @@ The models blended are every model the train stage wrote (:func:`jungletrap.trai
 ``head`` plus ``head_<backbone>`` for each other backbone of a run with several).
 
 Everything here is fitted on out-of-fold predictions only: the blend (``ensemble.method``; ``auto`` picks
-``mean``, ``weights`` or ``stacker`` by nested OOF score, see :mod:`jungletrap.blenders`) and the
+``mean``, ``weights``, ``shared_stacker`` or ``stacker`` by nested OOF score, see :mod:`jungletrap.blenders`) and the
 probability clip (chosen on the blender's predictions of the rows it was fitted on). The fitted blender is saved
 as ``models/ensemble.json`` (``predict`` applies it), the blended predictions as ``oof/blend.parquet`` and
 ``test/blend.parquet``. ``submission.csv`` has exactly the rows (in the same order) and the columns of the
 submission-format file, whatever order the catalog used.
-The blend's out-of-fold score is nested: each fold is blended and clipped by a blender and a clip fitted on the
-other folds only; the class-prior baseline's clip is chosen the same way.
+The blend's out-of-fold score is nested: each fold is blended and clipped by a blender, a clip and (``auto``) a
+method chosen on the other folds only; the class-prior baseline's clip is chosen the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import pyarrow as pa
 from jungletrap.blenders import (
     CLIP_CANDIDATES,
     apply_blender,
+    best_method,
     choose_clip,
     fit_clipped_blender,
     fit_weights,
+    nested_auto_predictions,
     nested_clip,
     nested_predictions,
     nested_scores,
@@ -89,23 +91,27 @@ def _write_blend(frame: pd.DataFrame, path: RunPath) -> None:
     write_parquet_atomic(pa.Table.from_pandas(out, preserve_index=False), path)
 
 
-def _choose_method(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: np.ndarray
-                   ) -> tuple[str, dict[str, float]]:
-    if len(oof) == 1:
-        return "mean", {}
-    scores = nested_scores(truth, oof, folds, clip=cfg.ensemble.clip)
-    method = min(scores, key=lambda m: scores[m]) if cfg.ensemble.method == "auto" else cfg.ensemble.method
-    return method, scores
-
-
 def _fit_blend(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: np.ndarray
-               ) -> tuple[str, dict[str, float], dict[str, Any], np.ndarray]:
-    """The method, its nested scores, the blender + clip fitted on every OOF row (applied to the test set), and
-    the blend's nested OOF predictions: each fold blended and clipped by a blender and clip fitted on the other
-    folds, so the blend's reported score is as honest as the single models' and comparable to them."""
-    method, scores = _choose_method(cfg, truth, oof, folds)
-    params = fit_clipped_blender(method, truth, oof, cfg.ensemble.clip)
-    return method, scores, params, nested_predictions(method, truth, oof, folds, clip=cfg.ensemble.clip)
+               ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+    """What was chosen (method, every method's nested scores, with ``auto`` the method each fold's reported blend
+    used), the blender + clip fitted on every OOF row (applied to the test set), and the blend's nested OOF
+    predictions: each fold blended and clipped by a blender, clip and (``auto``) method chosen on the other
+    folds alone, so the blend's reported score is as honest as the single models' and comparable to them."""
+    clip = cfg.ensemble.clip
+    if len(oof) == 1:
+        method, chosen = "mean", {"method": "mean", "nested_oof_log_loss": {}}
+        nested = nested_predictions(method, truth, oof, folds, clip=clip)
+    elif cfg.ensemble.method == "auto":
+        scores = nested_scores(truth, oof, folds, clip=clip)
+        method = best_method(scores)
+        nested, per_fold = nested_auto_predictions(truth, oof, folds, clip=clip)
+        chosen = {"method": method, "nested_oof_log_loss": scores,
+                  "fold_methods": {str(k): m for k, m in per_fold.items()}}
+    else:
+        method = cfg.ensemble.method
+        chosen = {"method": method, "nested_oof_log_loss": nested_scores(truth, oof, folds, clip=clip)}
+        nested = nested_predictions(method, truth, oof, folds, clip=clip)
+    return chosen, fit_clipped_blender(method, truth, oof, clip), nested
 
 
 def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
@@ -117,7 +123,8 @@ def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
     oof = {m: read_predictions(prediction_path(run_dir, "oof", m)).loc[train.index] for m in models}
     test = {m: read_predictions(prediction_path(run_dir, "test", m)) for m in models}
     arrays, folds = [p.to_numpy() for p in oof.values()], train[FOLD].to_numpy()
-    method, nested, params, nested_blend = _fit_blend(cfg, truth, arrays, folds)
+    chosen, params, nested_blend = _fit_blend(cfg, truth, arrays, folds)
+    method, nested = chosen["method"], chosen["nested_oof_log_loss"]
     params["models"] = models
     clip = params["clip"]
     oof_blend = pd.DataFrame(nested_blend, index=train.index, columns=list(CLASS_NAMES))
@@ -129,10 +136,12 @@ def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
         "prior_baseline_oof": summarize(truth, prior, CLASS_NAMES),
         "clip": clip,
         "models": models,
-        "ensemble": {"method": method, "nested_oof_log_loss": nested},
+        "ensemble": chosen,
     }
     if "weights" in params:
         metrics["weights"] = {m: float(w) for m, w in zip(models, params["weights"], strict=True)}
+    if method == "shared_stacker":
+        metrics["logit_coef"] = {m: float(c) for m, c in zip(models, params["coef"], strict=True)}
     metrics["oof"]["blend"] = summarize(truth, oof_blend.to_numpy(), CLASS_NAMES)
     training = run_dir / "train_metrics.json"
     if training.exists():  # per-fold scores and training curves, kept with the rest of the metrics

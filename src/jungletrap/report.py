@@ -91,7 +91,7 @@ def _weights(metrics: dict[str, Any]) -> dict[str, float]:
     """Recorded blend weights; none for a stacker (it has no weight per model); equal weights for runs made
     before the ensemble stage recorded them."""
     models = _models(metrics)
-    if not metrics.get("weights") and metrics.get("ensemble", {}).get("method") == "stacker":
+    if not metrics.get("weights") and metrics.get("ensemble", {}).get("method") in ("stacker", "shared_stacker"):
         return {}
     return {m: float(w) for m, w in (metrics.get("weights") or {m: 1 / len(models) for m in models}).items()}
 
@@ -152,6 +152,9 @@ def _summary(metrics: dict[str, Any], n_failed: int, n_train: int) -> str:
         weights = ", ".join(f"{m} {w:.3f}" for m, w in _weights(metrics).items())
     elif method == "stacker":
         weights = "per-class logistic regression on the models' logits (models/ensemble.json)"
+    elif method == "shared_stacker":
+        coef = ", ".join(f"{m} {c:.3f}" for m, c in metrics.get("logit_coef", {}).items())
+        weights = f"one logistic regression on the models' logits for every class (coefficients: {coef})"
     else:
         weights = "equal (plain mean; this run did not record weights)"
     nested = ", ".join(f"{m} {v:.5f}" for m, v in ensemble.get("nested_oof_log_loss", {}).items())
