@@ -372,9 +372,11 @@ def embed_catalog(
     keys or files.
     """
     dirs = _out_dirs(out_dir, cfg)
+    outs = list(dirs.values())
+    main_dir = outs[0]  # where the counts of parts no backbone has work in are read
     every = [pin_weights(client, one, gpu=gpu) for one in embed_settings_all(cfg)]
     hashes = [_result_hash(one) for one in every]
-    for path in dirs.values():
+    for path in outs:
         path.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
     catalog = read_parquet(catalog_path, columns=[c for c in (PARTITION, VIDEO_ID, PATH, STAMP)
@@ -385,22 +387,23 @@ def embed_catalog(
     # Per backbone: the partitions whose part is missing, and those of them its moved-aside parts can fill.
     pending: list[set[int]] = []
     copies: list[dict[int, Any]] = []
-    for out, result_hash in zip(dirs.values(), hashes, strict=True):
+    for out, result_hash in zip(outs, hashes, strict=True):
         missing = {p for p in groups if not _is_complete(part_path(out, p), result_hash, rows_hashes[p])}
         copies.append(plan_copies(out, result_hash, {p: groups[p] for p in sorted(missing)}, set(groups)))
         _remove_foreign_parts(out, set(groups))  # after planning: the copies may come from them
         pending.append(missing)
-    todo = sorted(set().union(*pending))
-    done_parts = [part_path(next(iter(dirs.values())), p) for p in groups if p not in set(todo)]
+    todo_set = set().union(*pending)
+    todo = sorted(todo_set)
+    done_parts = [part_path(main_dir, p) for p in groups if p not in todo_set]
     total = int(sizes.loc[todo].sum()) if todo else 0
     log.info("embed: %d partitions (%d videos) to run for %s, %d videos already embedded", len(todo), total,
              list(dirs), int(sizes.sum()) - total)
     tally = _Tally(int(sizes.sum()), len(sizes), max_failed_fraction)
-    token = path_token(next(iter(dirs.values())))
+    token = path_token(main_dir)
     with closing(iter(_count_skipped(client, done_parts, token))) as skipped:
         for part in skipped:
             tally.add(part, skipped=True)
-    tally.check(next(iter(dirs.values())))
+    tally.check(main_dir)
     futures, counted = [], set()  # one task per partition carries its counts: the embed task, else the first copy
     for p in todo:
         embed = [b for b, missing in enumerate(pending) if p in missing and p not in copies[b]]
@@ -409,7 +412,7 @@ def embed_catalog(
                 embed_catalog_partition,
                 catalog_path,
                 p,
-                [part_path(list(dirs.values())[b], p) for b in embed],
+                [part_path(outs[b], p) for b in embed],
                 [every[b] for b in embed],
                 dict(storage_options or {}),
                 key=f"embed-{p:05d}-{_task_hash([hashes[b] for b in embed])[:8]}-{token}",
@@ -420,7 +423,7 @@ def embed_catalog(
             counted.add(futures[-1].key)
         for b, missing in enumerate(pending):
             if p in missing and p in copies[b]:
-                out = list(dirs.values())[b]
+                out = outs[b]
                 futures.append(client.submit(
                     _copy_part, copies[b][p], part_path(out, p),
                     _file_metadata(every[b], rows_hashes[p], len(groups[p]), _clips(groups[p])),
@@ -437,10 +440,10 @@ def embed_catalog(
                 continue
             tally.add(part, skipped=False)
             done += part["videos"]
-            tally.check(next(iter(dirs.values())))
+            tally.check(main_dir)
             if progress is not None:
                 progress(done, total, time.monotonic() - start)
-    for out in dirs.values():
+    for out in outs:
         # A worker killed mid-write leaves its temporary file; its task was retried elsewhere, and every task of
         # this call has finished, so nothing is still writing here: leave the directory clean, not at next start.
         remove_stale_temps(out)
