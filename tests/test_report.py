@@ -313,3 +313,21 @@ def test_stacker_blend_shows_no_weights(fake_run: Path, tmp_path: Path) -> None:
     assert "per-class logistic regression" in _text(page, "summary")
     rows = [row for row in page.sections["scores"]["rows"] if row]
     assert [row[1] for row in rows[:2]] == ["", ""], rows[:2]
+
+
+def test_shared_stacker_blend_shows_its_coefficients_and_auto_its_fold_methods(fake_run: Path,
+                                                                               tmp_path: Path) -> None:
+    """The shared stacker has one coefficient per model (shown, no weights); ``auto`` names each fold's method."""
+    run_dir = tmp_path / "shared"
+    shutil.copytree(fake_run, run_dir, ignore=shutil.ignore_patterns("report.html"))
+    _ensemble_run(run_dir, "shared_stacker")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "weights" not in metrics and set(metrics["logit_coef"]) == set(metrics["models"])
+    summary = _text(_parse(write_report(run_dir, run_dir / "embeddings" / "tiny_cnn")), "summary")
+    assert "one logistic regression on the models' logits for every class" in summary
+    assert all(f"{m} {c:.3f}" in summary for m, c in metrics["logit_coef"].items())
+    _ensemble_run(run_dir, "auto")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    folds = metrics["ensemble"]["fold_methods"]
+    summary = _text(_parse(write_report(run_dir, run_dir / "embeddings" / "tiny_cnn")), "summary")
+    assert all(f"fold {k} {m}" in summary for k, m in folds.items()), summary

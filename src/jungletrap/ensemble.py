@@ -155,9 +155,10 @@ def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
     write_submission(test_blend, cfg.data.submission_format, run_dir / "submission.csv", cfg.data.storage_options)
     write_json_atomic(metrics, run_dir / "metrics.json")
     blend_score = metrics["oof"]["blend"]["mean_log_loss"]
-    log.info("ensemble: %s blend OOF log loss %.5f (prior baseline %.5f, clip %g; nested OOF %s)", method,
-             blend_score, metrics["prior_baseline_oof"]["mean_log_loss"], clip,
-             {m: round(s, 5) for m, s in nested.items()})
+    per_fold = chosen.get("fold_methods")
+    log.info("ensemble: %s blender saved; blend OOF log loss %.5f%s (prior baseline %.5f, clip %g; nested OOF %s)",
+             method, blend_score, f", each fold by the method that won on the others: {per_fold}" if per_fold else "",
+             metrics["prior_baseline_oof"]["mean_log_loss"], clip, {m: round(s, 5) for m, s in nested.items()})
     return {"method": method, "blend_oof_log_loss": round(blend_score, 6),
             "prior_oof_log_loss": round(metrics["prior_baseline_oof"]["mean_log_loss"], 6)}
 
