@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): every benchmark in one go, each printing its table, then a summary.
 
-The embed and memory benchmarks make their own clips, the scale rehearsal its own embeddings (``--scale-sizes``,
-default 2,000 and 20,000 clips: the longest benchmark); the feature and XGBoost benchmarks use a finished run's
+The embed and memory benchmarks make their own clips, the blend benchmark its own OOF predictions, the scale
+rehearsal its own embeddings (``--scale-sizes``, default 2,000 and 20,000 clips: the longest benchmark); the feature and XGBoost benchmarks use a finished run's
 feature table (``--run-dir``, default ``runs/demo``: run ``make demo`` first); the GPU benchmark runs where torch
 sees a CUDA device. Results are merged into ``bench/results.json``; the summary (the issue's named keys, each
 with its target) is saved there under ``summary``.
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import embed, features, gpu, memory, scale, xgb
+from bench import blend, embed, features, gpu, memory, scale, xgb
 from bench.common import RESULTS_PATH, machine, print_table, save_results
 
 #: Summary key -> (section, key in that section, target as (comparison, bound) or None).
@@ -75,6 +75,7 @@ def main() -> None:
     else:
         print(f"\n{args.run_dir} has no feature table: run `make demo` for the feature and XGBoost benchmarks")
     gpu.main([])
+    blend.main([])
     scale.main(["--sizes", *map(str, args.scale_sizes)])
     results = json.loads(RESULTS_PATH.read_text())
     summary = summarize(results)

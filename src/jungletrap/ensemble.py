@@ -50,6 +50,7 @@ __all__ = [
     "blend",
     "blend_frames",
     "choose_clip",
+    "fit_blend",
     "fit_weights",
     "run_ensemble",
     "write_submission",
@@ -91,7 +92,7 @@ def _write_blend(frame: pd.DataFrame, path: RunPath) -> None:
     write_parquet_atomic(pa.Table.from_pandas(out, preserve_index=False), path)
 
 
-def _fit_blend(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: np.ndarray
+def fit_blend(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: np.ndarray
                ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
     """What was chosen (method, every method's nested scores, with ``auto`` the method each fold's reported blend
     used), the blender + clip fitted on every OOF row (applied to the test set), and the blend's nested OOF
@@ -123,7 +124,7 @@ def run_ensemble(cfg: JobConfig, run_dir: RunPath) -> dict[str, Any]:
     oof = {m: read_predictions(prediction_path(run_dir, "oof", m)).loc[train.index] for m in models}
     test = {m: read_predictions(prediction_path(run_dir, "test", m)) for m in models}
     arrays, folds = [p.to_numpy() for p in oof.values()], train[FOLD].to_numpy()
-    chosen, params, nested_blend = _fit_blend(cfg, truth, arrays, folds)
+    chosen, params, nested_blend = fit_blend(cfg, truth, arrays, folds)
     method, nested = chosen["method"], chosen["nested_oof_log_loss"]
     params["models"] = models
     clip = params["clip"]
