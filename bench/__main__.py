@@ -1,10 +1,11 @@
 """``python -m bench`` (``make bench``): every benchmark in one go, each printing its table, then a summary.
 
 The embed and memory benchmarks make their own clips, the blend benchmark its own OOF predictions, the scale
-rehearsal its own embeddings (``--scale-sizes``, default 2,000 and 20,000 clips: the longest benchmark); the feature and XGBoost benchmarks use a finished run's
-feature table (``--run-dir``, default ``runs/demo``: run ``make demo`` first); the GPU benchmark runs where torch
-sees a CUDA device. Results are merged into ``bench/results.json``; the summary (the issue's named keys, each
-with its target) is saved there under ``summary``.
+rehearsal its own embeddings (``--scale-sizes``, default 2,000 and 20,000 clips: the longest benchmark); the
+feature and XGBoost benchmarks use a finished run's feature table (``--run-dir``, default ``runs/demo``: run
+``make demo`` first); the GPU benchmark runs where torch sees a CUDA device. Results are merged into
+``bench/results.json``; the summary (the issue's named keys, each with its target) is saved there under
+``summary``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ each method become ~100). Times are medians of ``--repeats`` calls.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from typing import Any
@@ -70,11 +71,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for clips in args.clips:
         for n_models in args.models:
             truth, oof, folds = synthetic_oof(int(clips * 0.8), n_models)
-            fit_s = {m: _seconds(lambda m=m: fit_blender(m, truth, oof)) for m in BLEND_METHODS}
+            fit_s = {m: _seconds(functools.partial(fit_blender, m, truth, oof)) for m in BLEND_METHODS}
             before, after = [], []
             for _ in range(args.repeats):  # alternating, so other load falls on both alike
-                before.append(_seconds(lambda: chosen_on_all_folds(truth, oof, folds)))
-                after.append(_seconds(lambda: fit_blend(cfg, truth, oof, folds)))
+                before.append(_seconds(functools.partial(chosen_on_all_folds, truth, oof, folds)))
+                after.append(_seconds(functools.partial(fit_blend, cfg, truth, oof, folds)))
             key = f"{clips}_clips_{n_models}_models"
             result[key] = {"train_rows": len(truth), "fit_s": fit_s,
                            "chosen_on_all_folds_s": statistics.median(before),

@@ -206,8 +206,9 @@ def _dirs(root: Path, cfg: EmbedConfig) -> dict[str, Path]:
 def test_one_decode_feeds_every_backbone_and_each_gets_what_it_gets_alone(
     corpus: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jungletrap import decoding
     from jungletrap.udfs.embed import embed_partition, embed_partition_backbones
+
+    from jungletrap import decoding
 
     root, extra = corpus
     rows = pd.read_parquet(_catalog(tmp_path, root, extra, per_partition=50))
@@ -250,7 +251,8 @@ def test_adding_a_backbone_embeds_only_the_new_one_and_leaves_existing_parts_unt
     lite = sorted((tmp_path / "emb" / "efficientnet_lite0").glob("part-*.parquet"))
     assert [p.name for p in lite] == list(before)
     assert added["embedded"] == first["embedded"] and added["skipped"] == 0 and added["failed"] == first["failed"]
-    assert len(_embed_tasks(stream.data)) == len(lite)  # one task per partition: both backbones would be one decode, here only lite0
+    # one task per partition (both backbones would share its decode; here only lite0 runs)
+    assert len(_embed_tasks(stream.data)) == len(lite)
     assert all(read_embedding_meta(p)["backbone"] == "efficientnet_lite0" for p in lite)
 
     # The same datasets as a clean run of both backbones at once (each partition: one task, one decode).

@@ -9,9 +9,9 @@ result is read, so a worker lost late in the stage costs only the partitions it 
 Several backbones (``embed.backbones``) write one dataset each (``embeddings/<backbone>/``); a partition's task
 decodes each clip once for every backbone whose part is not yet complete
 (:func:`jungletrap.udfs.embed.embed_partition_backbones`), so each dataset resumes on its own and adding a
-backbone to a finished run embeds only the new one. A part's rows hash covers each clip's stamp (size + version), so a clip replaced under the same name is
-embedded again; after a change of partition sizes, rows already embedded are copied into the new parts
-(:mod:`jungletrap.embed_reuse`) instead of being decoded again.
+backbone to a finished run embeds only the new one. A part's rows hash covers each clip's stamp (size +
+version), so a clip replaced under the same name is embedded again; after a change of partition sizes, rows
+already embedded are copied into the new parts (:mod:`jungletrap.embed_reuse`) instead of being decoded again.
 
 The stage's counts (``failed`` above all) are read from every part, those of earlier runs included: a resumed,
 forced or copied run reports every error row it holds, not only those of its last invocation.

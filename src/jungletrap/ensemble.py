@@ -4,8 +4,8 @@ The models blended are every model the train stage wrote (:func:`jungletrap.trai
 ``head`` plus ``head_<backbone>`` for each other backbone of a run with several).
 
 Everything here is fitted on out-of-fold predictions only: the blend (``ensemble.method``; ``auto`` picks
-``mean``, ``weights``, ``shared_stacker`` or ``stacker`` by nested OOF score, see :mod:`jungletrap.blenders`) and the
-probability clip (chosen on the blender's predictions of the rows it was fitted on). The fitted blender is saved
+``mean``, ``weights``, ``shared_stacker`` or ``stacker`` by nested OOF score, see :mod:`jungletrap.blenders`)
+and the probability clip (chosen on the blender's predictions of the rows it was fitted on). The fitted blender is saved
 as ``models/ensemble.json`` (``predict`` applies it), the blended predictions as ``oof/blend.parquet`` and
 ``test/blend.parquet``. ``submission.csv`` has exactly the rows (in the same order) and the columns of the
 submission-format file, whatever order the catalog used.
@@ -93,7 +93,7 @@ def _write_blend(frame: pd.DataFrame, path: RunPath) -> None:
 
 
 def fit_blend(cfg: JobConfig, truth: np.ndarray, oof: list[np.ndarray], folds: np.ndarray
-               ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+              ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
     """What was chosen (method, every method's nested scores, with ``auto`` the method each fold's reported blend
     used), the blender + clip fitted on every OOF row (applied to the test set), and the blend's nested OOF
     predictions: each fold blended and clipped by a blender, clip and (``auto``) method chosen on the other

@@ -159,7 +159,7 @@ def _summary(metrics: dict[str, Any], n_failed: int, n_train: int) -> str:
         weights = "equal (plain mean; this run did not record weights)"
     nested = ", ".join(f"{m} {v:.5f}" for m, v in ensemble.get("nested_oof_log_loss", {}).items())
     items = [f"Blend method: {method}" + (f" (nested out-of-fold log loss: {nested})" if nested else ""),
-             *([f"The blend's out-of-fold score blends each fold with the method that won on the other folds alone: "
+             *(["The blend's out-of-fold score blends each fold with the method that won on the other folds alone: "
                 + ", ".join(f"fold {k} {m}" for k, m in ensemble["fold_methods"].items())]
                if ensemble.get("fold_methods") else []),
              f"Probability clip: {metrics.get('clip', 0.0):g} (chosen on out-of-fold predictions)",
