@@ -152,10 +152,15 @@ def nested_predictions(method: str, truth: np.ndarray, predictions: list[np.ndar
     nested = np.empty_like(truth, dtype=np.float64)
     for k in np.unique(folds):
         held = folds == k
-        params = fit_clipped_blender(method, truth[~held], [p[~held] for p in predictions], clip)
-        nested[held] = np.clip(apply_blender(params, [p[held] for p in predictions]), params["clip"],
-                               1 - params["clip"])
+        nested[held] = _blend_held(method, truth, predictions, held, clip)
     return nested
+
+
+def _blend_held(method: str, truth: np.ndarray, predictions: list[np.ndarray], held: np.ndarray,
+                clip: float | str) -> np.ndarray:
+    """The ``held`` rows blended and clipped by ``method``'s blender and clip fitted on the other rows."""
+    params = fit_clipped_blender(method, truth[~held], [p[~held] for p in predictions], clip)
+    return np.clip(apply_blender(params, [p[held] for p in predictions]), params["clip"], 1 - params["clip"])
 
 
 def nested_clip(truth: np.ndarray, proba: np.ndarray, folds: np.ndarray, clip: float | str) -> np.ndarray:
@@ -192,10 +197,7 @@ def nested_auto_predictions(truth: np.ndarray, predictions: list[np.ndarray], fo
     chosen: dict[int, str] = {}
     for k in np.unique(folds):
         held = folds == k
-        rest = [p[~held] for p in predictions]
-        method = best_method(nested_scores(truth[~held], rest, folds[~held], clip=clip))
-        params = fit_clipped_blender(method, truth[~held], rest, clip)
-        nested[held] = np.clip(apply_blender(params, [p[held] for p in predictions]), params["clip"],
-                               1 - params["clip"])
+        method = best_method(nested_scores(truth[~held], [p[~held] for p in predictions], folds[~held], clip=clip))
+        nested[held] = _blend_held(method, truth, predictions, held, clip)
         chosen[int(k)] = method
     return nested, chosen
