@@ -139,3 +139,15 @@ def test_auto_reported_blend_chooses_each_folds_method_without_its_labels() -> N
     np.testing.assert_array_equal(nested[folds == 0], again[folds == 0])
     assert not np.array_equal(nested[folds == 1], again[folds == 1])
     assert set(methods) == {0, 1, 2, 3, 4} and set(methods.values()) <= set(BLEND_METHODS)
+
+
+def test_auto_with_two_folds_blends_each_by_the_mean() -> None:
+    """Two folds leave one other fold, nothing to nest a method choice on: the plain mean, not a crash (a run
+    whose clips fell into two folds failed with a zero-size reduction)."""
+    from jungletrap.blenders import nested_auto_predictions, nested_predictions
+
+    y, good, weak = _problem(7)
+    folds = np.arange(len(y)) % 2
+    nested, methods = nested_auto_predictions(y, [weak, good], folds, clip="auto")
+    assert methods == {0: "mean", 1: "mean"}
+    np.testing.assert_array_equal(nested, nested_predictions("mean", y, [weak, good], folds, clip="auto"))

@@ -191,13 +191,18 @@ def nested_auto_predictions(truth: np.ndarray, predictions: list[np.ndarray], fo
     on the other folds alone (an inner nested loop), fitted and clipped there; and the method each fold used.
 
     The method ``auto`` saves is chosen on every fold's nested scores; scoring that choice's own nested
-    predictions would pick the luckiest of the methods on the rows it is scored on.
+    predictions would pick the luckiest of the methods on the rows it is scored on. Where the other folds are a
+    single fold (two folds in all) there is nothing to nest on, and that fold gets the plain mean.
     """
     nested = np.empty_like(truth, dtype=np.float64)
     chosen: dict[int, str] = {}
     for k in np.unique(folds):
         held = folds == k
-        method = best_method(nested_scores(truth[~held], [p[~held] for p in predictions], folds[~held], clip=clip))
+        if len(np.unique(folds[~held])) < 2:  # one other fold (2 folds, a tiny set): no inner loop to choose by
+            method = "mean"
+        else:
+            method = best_method(nested_scores(truth[~held], [p[~held] for p in predictions], folds[~held],
+                                               clip=clip))
         nested[held] = _blend_held(method, truth, predictions, held, clip)
         chosen[int(k)] = method
     return nested, chosen
