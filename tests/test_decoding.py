@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from distributed import Client, LocalCluster
 from jungletrap.config import EmbedConfig
 from jungletrap.decoding import (
     DecodeJob,
+    _decoder_processes,
     allow_worker_subprocesses,
     can_spawn_processes,
     decode,
@@ -279,3 +281,33 @@ def test_two_tasks_sharing_a_pool_survive_its_decoders_being_killed() -> None:
         for (_, clip, error), job in zip(results[name], jobs, strict=True):
             assert error is None, error
             assert np.array_equal(clip.frames, reference[job.source])
+
+
+def test_a_decoder_killed_while_sending_its_clip_costs_no_clip_and_leaves_no_stuck_thread() -> None:
+    """SIGKILL can land while a decoder writes its frames (megabytes) into the result pipe. That leaves half a
+    message there and the pipe's lock held: the executor's thread waits forever for the rest, so it never reports
+    the pool broken, and the other decoders wait forever for the lock. Before the fix every clip in flight became
+    a "did not finish" error row at the hard limit, and the stuck thread hung the worker's exit (~1 run in 7 of
+    the test above). The state is made exactly here: this process takes the lock and writes half a message, then
+    one decoder is killed."""
+    paths = real_video_paths()
+    jobs = [_job(p, timeout_s=5.0) for p in paths * 4]  # hard limit 15 s: a clip waited out is an error row
+    results = []
+    manager = None
+    for item in decode_in_order(jobs, processes=4, threads=1, ahead=8):
+        results.append(item)
+        if manager is None:
+            pool = _decoder_processes(4).pool
+            manager = pool._executor_manager_thread
+            pipe = pool._result_queue
+            pipe._wlock.acquire()
+            os.write(pipe._writer.fileno(), struct.pack("!i", 1 << 30) + b"\x80")  # 1 GiB announced, 1 byte sent
+            os.kill(decoder_pids(4)[0], signal.SIGKILL)
+    assert manager is not None
+    reference = {str(p): decode(_job(p)).frames for p in paths}
+    assert [pos for pos, _, _ in results] == list(range(len(jobs)))
+    for (_, clip, error), job in zip(results, jobs, strict=True):
+        assert error is None, error
+        assert np.array_equal(clip.frames, reference[job.source])
+    manager.join(timeout=30)
+    assert not manager.is_alive(), "the broken pool's executor thread is still waiting on the result pipe"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
 from distributed import Client
 
 from jungletrap.cluster import ClusterInfo
@@ -53,3 +54,12 @@ def test_performance_report_loads_no_remote_script(dask_client: Client, tmp_path
     assert "Dask Performance Report" in page
     assert scripts.sources == [] and scripts.links == []  # a CDN <script src> leaves the page blank offline
     assert max(scripts.inline) > 100_000  # Bokeh itself is inline
+
+
+def test_an_interrupted_stage_stops_without_building_its_report(dask_client: Client, tmp_path: Path) -> None:
+    """Ctrl-C/SIGTERM should stop the run now: the report costs the scheduler seconds of rendering."""
+    info = ClusterInfo(kind="local", dashboard_link=None, n_workers=2, gpu=False)
+    ctx = StageContext(dask_client, JobConfig(), tmp_path, info)
+    with pytest.raises(KeyboardInterrupt), _perf_report(ctx, "demo"):
+        raise KeyboardInterrupt
+    assert not (tmp_path / PERF_DIR / "demo.html").exists()

@@ -118,6 +118,9 @@ def test_fold_placement_follows_rows_per_worker_and_takes_the_hosts_threads(dask
     assert fold_workers(dask_client, 0, XGBConfig()) == workers[:1]
     # one worker training alone uses its idle neighbour's thread too; two share the host's two threads
     assert fold_threads(dask_client, workers[:1]) == 2 and fold_threads(dask_client, workers) == 1
+    # a worker lost between placing the fold and training it (a KeyError here failed the fold)
+    gone = "tcp://127.0.0.1:9"
+    assert fold_threads(dask_client, [workers[0], gone]) == 2 and fold_threads(dask_client, [gone]) == 1
 
 
 def _feature_parts(root: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

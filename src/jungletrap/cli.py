@@ -9,15 +9,14 @@ input files that do not fit each other, or no cluster; 130 interrupted (re-run t
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any, Optional
 
 import typer
 
 from jungletrap.config import STAGES, ConfigError, JobConfig, load_config
+from jungletrap.interrupt import EXIT_INTERRUPTED, stop_on_signals
 
 __all__ = ["app", "execute"]
 
@@ -57,10 +56,6 @@ def _setup_logging() -> None:
     for noisy in ("distributed", "bokeh", "tornado", "matplotlib", "xgboost"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("tornado.application").addFilter(_DropInterruptedSyncNoise())
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _storage_options(text: str | None) -> dict[str, Any]:
@@ -145,10 +140,11 @@ def execute(
     from jungletrap.embed import TooManyFailures
     from jungletrap.pipeline import StageContext, run_pipeline
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    resume = f"interrupted: run the same command again to resume ({resolved})"
     try:
-        with open_client(cfg.cluster, address=scheduler,
-                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
+        with stop_on_signals(cfg.cluster.stop_timeout_s, resume), open_client(
+                cfg.cluster, address=scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None
+        ) as (client, info):
             typer.echo(f"dask dashboard: {info.dashboard_link} ({info.kind} cluster, {info.n_workers} workers)")
             results = run_pipeline(StageContext(client, cfg, resolved, info), stages=stages, force=force)
     except (ClusterError, InputError, ConfigError) as err:  # ConfigError: e.g. embed.weights missing on workers
@@ -158,8 +154,8 @@ def execute(
         typer.echo(f"error: {err}", err=True)
         return 1
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: run the same command again to resume ({resolved})", err=True)
-        return 130
+        typer.echo(resume, err=True)
+        return EXIT_INTERRUPTED
     failed = _failed_count(cfg, resolved)
     _summary(resolved, results, failed)
     if failed and (strict or cfg.run.strict):

@@ -101,6 +101,8 @@ class ClusterConfig(_Section):
     host: str = "127.0.0.1"
     dashboard_address: str = "127.0.0.1:0"
     connect_timeout_s: float = Field(30.0, gt=0)
+    #: After Ctrl-C/SIGTERM, how long closing the cluster may take before the command kills what it started.
+    stop_timeout_s: float = Field(60.0, gt=0)
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

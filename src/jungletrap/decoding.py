@@ -185,12 +185,39 @@ class _DecoderProcesses:
     def pids(self) -> list[int]:
         return [p.pid for p in (self.pool._processes or {}).values() if p.pid is not None]
 
+    @staticmethod
+    def has_dead_process(pool: ProcessPoolExecutor) -> bool:
+        """True when a process of ``pool`` has exited. A decoder never exits on its own while its pool is in use,
+        so this is a crash, a kill or the OOM killer, whether or not the executor has noticed (it cannot when
+        the process died while writing its result, see :meth:`close`)."""
+        for process in list((pool._processes or {}).values()):
+            try:
+                if process.exitcode is not None:
+                    return True
+            except ValueError:  # closed by the executor: it saw the process go
+                return True
+        return False
+
     def close(self) -> None:
-        """Stop the decoders now: they hold nothing but clips of tasks that are over."""
-        for process in list((self.pool._processes or {}).values()):  # no public kill() before Python 3.14
+        """Stop the decoders now: they hold nothing but clips of tasks that are over.
+
+        A decoder killed while writing its result leaves half a message in the result pipe and the pipe's lock
+        held: the executor's manager thread then waits forever for the rest (so it never marks the pool broken)
+        and the other decoders wait forever for the lock. Once every decoder is dead, closing this process's
+        own end of the pipe ends that wait (end of file), the executor fails what it still held with
+        ``BrokenProcessPool``, and its thread exits instead of hanging the worker's exit.
+        """
+        pool = self.pool
+        results = pool._result_queue  # None once shut down; read before shutdown() drops it
+        processes = list((pool._processes or {}).values())
+        for process in processes:  # no public kill() before Python 3.14
             if process.is_alive():
                 process.kill()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(timeout=5)
+        if results is not None and not any(process.is_alive() for process in processes):
+            results._writer.close()
 
 
 _POOLS: dict[int, _DecoderProcesses] = {}
@@ -283,6 +310,7 @@ def _wait(job: DecodeJob, future: Future[DecodedClip], pool: ProcessPoolExecutor
     while it waited: a replaced pool's processes are dead, and a future sent to it just as it broke may never
     be settled (the executor's broken flag and its submit race), so it is sent again rather than waited for."""
     deadline = time.monotonic() + _hard_limit_s(job)
+    dead_seen = False
     while True:
         try:
             return _outcome(future, min(1.0, max(0.0, deadline - time.monotonic())))
@@ -291,6 +319,13 @@ def _wait(job: DecodeJob, future: Future[DecodedClip], pool: ProcessPoolExecutor
                 raise
             if pool is not workers.pool and not future.done():
                 raise CancelledError from None
+            # A dead decoder that the executor has not reported within a second: it died writing its result
+            # and the executor never will (see _DecoderProcesses.close); treat the pool as broken now, not at
+            # the hard limit with an error row.
+            if workers.has_dead_process(pool):
+                if dead_seen and not future.done():
+                    raise BrokenProcessPool("a decoder process died and its pool did not report it") from None
+                dead_seen = True
 
 
 def _succeeded(future: Future[DecodedClip]) -> bool:

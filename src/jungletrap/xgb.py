@@ -207,11 +207,13 @@ def fold_threads(client: Client, workers: list[str]) -> int:
     thread would sit idle), a fold on both with 1 each, as on any cluster with one worker per machine.
     """
     info = client.scheduler_info(n_workers=-1)["workers"]
-    training = Counter(info[w]["host"] for w in workers)
+    # A worker gone since the fold was placed (lost, or retired by its nanny) is not counted here: xgboost.dask
+    # reports a fold whose data it cannot reach, and a nanny's replacement is already in ``info``.
+    training = Counter(info[w]["host"] for w in workers if w in info)
     threads = Counter[str]()
     for w in info.values():
         threads[w["host"]] += int(w["nthreads"])
-    return max(1, min(threads[host] // n for host, n in training.items()))
+    return max(1, min((threads[host] // n for host, n in training.items()), default=1))
 
 
 def kept_blocks(X: da.Array, mask: np.ndarray) -> list[int]:
