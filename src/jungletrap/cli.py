@@ -285,15 +285,20 @@ def predict(
     except ConfigError as err:
         typer.echo(f"error: {run_dir} is not a finished run: {err}", err=True)
         raise typer.Exit(2) from None
+    stopped = f"interrupted: {out} not written"
     try:
-        with open_client(cfg.cluster, address=scheduler,
-                         scheduler_file=str(scheduler_file) if scheduler_file else None) as (client, info):
+        with stop_on_signals(cfg.cluster.stop_timeout_s, stopped), open_client(
+                cfg.cluster, address=scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None
+        ) as (client, info):
             typer.echo(f"dask dashboard: {info.dashboard_link}")
             frame = predict_videos(client, run_dir, videos, out=out, proba_threshold=proba_threshold,
                                    storage_options=options)
     except (ClusterError, ConfigError, FileNotFoundError, RunMismatch) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo(stopped, err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     failed = int((frame["status"] != "ok").sum())
     typer.echo(f"predictions: {out} ({len(frame)} videos, {failed} failed)")
     if failed and strict:
