@@ -21,15 +21,16 @@ HANGING_CLEANUP = textwrap.dedent("""
     from jungletrap.interrupt import stop_on_signals
 
     def close_the_cluster_forever():
+        print("interrupted", flush=True)  # in here, so that a signal landing in print finds this frame too
         time.sleep(600)
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # an orphan must not hold the test's pipes open
     with stop_on_signals(float(sys.argv[1]), "resume: run the same command again"):
-        print(child.pid, flush=True)
         try:
+            print(child.pid, flush=True)  # the signal may land while print returns: inside the try
             time.sleep(600)
         except KeyboardInterrupt:
-            print("interrupted", flush=True)
             close_the_cluster_forever()
 """)
 
