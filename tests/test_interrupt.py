@@ -104,3 +104,15 @@ def test_the_handlers_are_given_back_when_nothing_was_interrupted() -> None:
     with stop_on_signals(60.0, "resume"):
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_sigusr1_prints_the_stacks_and_the_command_goes_on() -> None:
+    proc, _ = _start(deadline_s=2.0)
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    assert proc.poll() is None  # a diagnostic, not a stop
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = _finish(proc)
+    assert code == 130
+    before_the_stop = err.split("did not close within")[0]
+    assert "most recent call first" in before_the_stop and "in <module>" in before_the_stop

@@ -25,7 +25,6 @@ EXIT_INTERRUPTED = 130
 
 _state = {"deadline_s": 60.0, "message": ""}
 _stopping = threading.Event()
-_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -42,7 +41,8 @@ def stop_on_signals(deadline_s: float, message: str) -> Iterator[None]:
     signal.signal(signal.SIGTERM, _on_signal)
     if previous[signal.SIGINT] is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_signal)
-    if hasattr(signal, "SIGUSR1"):
+    dumps = hasattr(signal, "SIGUSR1")
+    if dumps:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         yield
@@ -50,14 +50,16 @@ def stop_on_signals(deadline_s: float, message: str) -> Iterator[None]:
         if not _stopping.is_set():
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if dumps:
+                faulthandler.unregister(signal.SIGUSR1)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    with _lock:
-        first = not _stopping.is_set()
-        _stopping.set()
-    if not first:
+    # Handlers run in the main thread only, but a second signal may run this one again inside the first: no lock
+    # (it would deadlock there); two first signals at worst start two timers.
+    if _stopping.is_set():
         stop_now(f"signal {signum} again while stopping: stopping at once")
+    _stopping.set()
     timer = threading.Timer(float(_state["deadline_s"]), stop_now,
                             args=(f"the cluster did not close within {_state['deadline_s']:.0f} s of the interrupt: "
                                   "stopping without it",))
