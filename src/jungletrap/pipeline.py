@@ -208,14 +208,13 @@ def _perf_report(ctx: StageContext, stage: str) -> Iterator[None]:
             report = opened
         except Exception as err:  # the report is a diagnostic: never fail the stage for it
             log.warning("%s: no performance report (%s: %s)", stage, type(err).__name__, err)
-        interrupted = False
         try:
             yield
         except KeyboardInterrupt:  # Ctrl-C/SIGTERM: stop now; building the report takes the scheduler seconds
-            interrupted = True
+            report = None
             raise
         finally:
-            if report is not None and not interrupted:
+            if report is not None:
                 try:
                     report.__exit__(None, None, None)
                     write_bytes_atomic(local.read_bytes(), path)
